@@ -2,8 +2,8 @@
 
 The paper's rule (Jaiswal et al. 2023, section 3): the essential sparsity of a model on a task is
 the largest sparsity on the grid such that every level up to it stays within epsilon of the dense
-model. A "drop" here is always how much worse a level is than dense, in the metric's own units, so that a
-positive drop means worse whether the metric is higher-is-better (accuracy, Spearman) or
+model. A "drop" here is always how much worse a level is than dense, in the metric's own units, so
+a positive drop means worse whether the metric is higher-is-better (accuracy, Spearman) or
 lower-is-better (perplexity, loss). Epsilon is absolute (points of accuracy/F1/correlation) or
 relative to the dense value (perplexity and loss).
 """
@@ -100,9 +100,7 @@ def knee(sparsities: Sequence[float], drops: Sequence[float], tolerance: float) 
     return float(s[int(np.argmax(chord - y))])
 
 
-def refinement_levels(
-    sparsities: Sequence[float], essential: float, points: int
-) -> list[float]:
+def refinement_levels(sparsities: Sequence[float], essential: float, points: int) -> list[float]:
     """`points` evenly spaced sparsities strictly between `essential` and the next grid level."""
     if points < 0:
         raise ValueError(f"refine must be >= 0 extra levels, got {points}.")
