@@ -1,0 +1,332 @@
+"""Jitted evaluators whose parameters are an argument, so a sweep compiles each one once.
+
+An evaluator owns its (pre-tokenised, fixed-shape) batches and a jitted forward pass
+`fn(params, rest, batch)` built from the model's NNX graph definition. Calling it with the pruned
+parameters of any sparsity level reuses the same compiled program: the padded final batch has the
+shape of the others, and the parameters keep their structure and dtypes. `compilations()` reads
+the jit cache sizes, so tests and benchmarks can check that ten levels cost one compilation.
+
+Batches are dicts of numpy arrays with `input_ids`, `attention_mask` (optionally `token_type_ids`,
+`pixel_values`, `labels`, ...) and `weights` (1 for real rows, 0 for padding rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from es_jax.evaluate import metrics
+
+Batch = dict[str, np.ndarray]
+Apply = Callable[[nnx.Module, dict[str, jax.Array]], Any]
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass(frozen=True)
+class Forward:
+    """A model's forward pass as a jitted function of its parameters and a batch."""
+
+    jitted: Callable
+    rest: Any
+
+    def __call__(self, params: Any, batch: dict[str, Any]) -> Any:
+        """Runs the compiled forward pass with these parameters."""
+        return self.jitted(params, self.rest, batch)
+
+    def compilations(self) -> int:
+        """How many programs the jit cache holds (1 after any number of same-shaped calls)."""
+        return self.jitted._cache_size()
+
+
+def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """Switches the model to eval mode and splits it into graph, parameters and the rest."""
+    model.eval()
+    return nnx.split(model, nnx.Param, ...)
+
+
+def make_forward(model: nnx.Module, apply: Apply) -> Forward:
+    """Jits `apply(model, batch)` as a pure function of (params, rest, batch)."""
+    graphdef, _, rest = split_params(model)
+
+    def forward(params: nnx.State, rest: nnx.State, batch: dict[str, jax.Array]) -> Any:
+        return apply(nnx.merge(graphdef, params, rest), batch)
+
+    return Forward(jax.jit(forward), rest)
+
+
+@dataclass
+class Evaluator:
+    """One task's metric as a function of the parameters; `__call__(params) -> float`."""
+
+    task: str
+    metric: str
+    higher_is_better: bool
+    score: Callable[[Any], float]
+    forwards: tuple[Forward, ...]
+    num_examples: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, params: Any) -> float:
+        """The metric of the model with these parameters."""
+        return float(self.score(params))
+
+    def compilations(self) -> int:
+        """Total number of compiled programs behind this evaluator."""
+        return sum(forward.compilations() for forward in self.forwards)
+
+
+def text_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The keyword arguments a text model takes from a batch."""
+    return {k: batch[k] for k in ("attention_mask", "token_type_ids") if k in batch}
+
+
+def mean_pooled(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
+    """L2-normalised mean of the last hidden state over the attention mask, (B, H)."""
+    hidden = model(batch["input_ids"], **text_inputs(batch))
+    mask = batch["attention_mask"][..., None].astype(hidden.dtype)
+    pooled = (hidden * mask).sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)
+    return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+
+
+def device_batches(batches: Iterable[Batch], keys: Sequence[str]) -> list[dict[str, jax.Array]]:
+    """Moves the given keys of each batch to the device once, for reuse at every level."""
+    return [{k: jnp.asarray(b[k]) for k in keys if k in b} for b in batches]
+
+
+def _require_examples(batches: list[Batch], task: str) -> int:
+    """The number of real (weight 1) rows; ValueError when there are none."""
+    count = int(sum(np.sum(b["weights"]) for b in batches))
+    if count == 0:
+        raise ValueError(
+            f"task {task!r}: the evaluation set is empty after filtering; check the data and the "
+            "max_examples / max_length settings."
+        )
+    return count
+
+
+def embeddings(forward: Forward, params: Any, batches: list[Batch], on_device: list) -> np.ndarray:
+    """Embeddings of every real row, in batch order."""
+    outputs = [forward(params, batch) for batch in on_device]
+    rows = [np.asarray(out)[b["weights"] > 0] for out, b in zip(outputs, batches, strict=True)]
+    return np.concatenate(rows, axis=0)
+
+
+def document_similarity(
+    model: nnx.Module, batches: list[Batch], human: np.ndarray, task: str = "lee"
+) -> Evaluator:
+    """Spearman x 100 of embedding cosines against a human similarity matrix (upper triangle)."""
+    count = _require_examples(batches, task)
+    if human.shape != (count, count):
+        raise ValueError(
+            f"task {task!r}: the human matrix has shape {human.shape} but there are {count} "
+            "documents; they must match."
+        )
+    forward = make_forward(model, mean_pooled)
+    on_device = device_batches(batches, TEXT_INPUTS)
+    human_pairs = metrics.upper_triangle(human)
+
+    def score(params: Any) -> float:
+        vectors = embeddings(forward, params, batches, on_device)
+        return metrics.spearman_x100(metrics.upper_triangle(vectors @ vectors.T), human_pairs)
+
+    return Evaluator(task, "spearman", True, score, (forward,), len(human_pairs))
+
+
+def word_pair_similarity(
+    model: nnx.Module,
+    batches: list[Batch],
+    words: Sequence[str],
+    pairs: Sequence[tuple[str, str]],
+    human: np.ndarray,
+    task: str,
+) -> Evaluator:
+    """Spearman x 100 of word-embedding cosines against human ratings of word pairs.
+
+    `batches` hold the tokenised `words` (one row each, in order); `pairs` index into them by word.
+    """
+    count = _require_examples(batches, task)
+    if count != len(words) or len(pairs) != len(human) or not pairs:
+        raise ValueError(
+            f"task {task!r}: {count} embedded rows for {len(words)} words and {len(pairs)} pairs "
+            f"for {len(human)} ratings; need one row per word, one rating per pair, >= 1 pair."
+        )
+    index = {word: i for i, word in enumerate(words)}
+    missing = sorted({w for pair in pairs for w in pair if w not in index})
+    if missing:
+        raise ValueError(f"task {task!r}: words {missing[:5]} of the pairs were not embedded.")
+    left = np.array([index[a] for a, _ in pairs])
+    right = np.array([index[b] for _, b in pairs])
+    forward = make_forward(model, mean_pooled)
+    on_device = device_batches(batches, TEXT_INPUTS)
+
+    def score(params: Any) -> float:
+        vectors = embeddings(forward, params, batches, on_device)
+        cosines = np.sum(vectors[left] * vectors[right], axis=-1)
+        return metrics.spearman_x100(cosines, np.asarray(human))
+
+    return Evaluator(task, "spearman", True, score, (forward,), len(pairs))
+
+
+def _token_nll(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+    """Summed negative log-likelihood of `targets` under `logits`, weighted; fp32."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    return -(picked * weights).sum()
+
+
+def causal_lm_nll(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token NLL and the number of predicted tokens of a causal LM batch."""
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    mask = batch["attention_mask"].astype(jnp.float32) * batch["weights"][:, None]
+    target_mask = mask[:, 1:] * mask[:, :-1]
+    nll = _token_nll(logits[:, :-1], batch["input_ids"][:, 1:], target_mask)
+    return nll, target_mask.sum()
+
+
+def masked_lm_nll(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Summed NLL of the original tokens at the masked positions (`mlm_labels` >= 0)."""
+    logits = model(batch["input_ids"], **text_inputs(batch))
+    labels = batch["mlm_labels"]
+    mask = (labels >= 0).astype(jnp.float32) * batch["weights"][:, None]
+    return _token_nll(logits, jnp.maximum(labels, 0), mask), mask.sum()
+
+
+def _nll_evaluator(
+    model: nnx.Module, batches: list[Batch], apply: Apply, task: str, metric: str, keys: tuple
+) -> Evaluator:
+    """Perplexity or mean loss from a jitted (nll_sum, token_count) per batch."""
+    count = _require_examples(batches, task)
+    forward = make_forward(model, apply)
+    on_device = device_batches(batches, (*keys, "weights"))
+
+    def score(params: Any) -> float:
+        totals = [forward(params, batch) for batch in on_device]
+        nll = float(sum(t[0] for t in totals))
+        tokens = float(sum(t[1] for t in totals))
+        loss = nll / tokens
+        return float(np.exp(loss)) if metric == "perplexity" else loss
+
+    return Evaluator(task, metric, False, score, (forward,), count)
+
+
+def perplexity(model: nnx.Module, batches: list[Batch], task: str = "wikitext") -> Evaluator:
+    """Perplexity (exp of mean next-token NLL) of a causal LM on fixed token blocks."""
+    return _nll_evaluator(model, batches, causal_lm_nll, task, "perplexity", TEXT_INPUTS[:2])
+
+
+def lm_loss(model: nnx.Module, batches: list[Batch], task: str = "wikitext") -> Evaluator:
+    """Mean next-token NLL (nats per token) of a causal LM on fixed token blocks."""
+    return _nll_evaluator(model, batches, causal_lm_nll, task, "lm_loss", TEXT_INPUTS[:2])
+
+
+def mlm_loss(model: nnx.Module, batches: list[Batch], task: str = "wikitext_mlm") -> Evaluator:
+    """Mean NLL at masked positions of a masked LM; batches carry fixed `mlm_labels`."""
+    return _nll_evaluator(
+        model, batches, masked_lm_nll, task, "mlm_loss", (*TEXT_INPUTS, "mlm_labels")
+    )
+
+
+def mask_tokens(
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    mask_token_id: int,
+    special_ids: Sequence[int],
+    rate: float = 0.15,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Replaces a fixed random `rate` of ordinary tokens by the mask token; labels -1 elsewhere."""
+    rng = np.random.default_rng(seed)
+    eligible = (attention_mask > 0) & ~np.isin(input_ids, np.asarray(special_ids))
+    chosen = eligible & (rng.random(input_ids.shape) < rate)
+    labels = np.where(chosen, input_ids, -1)
+    return np.where(chosen, mask_token_id, input_ids), labels
+
+
+def classify(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
+    """Predicted class of every row of a text or image classification batch."""
+    if "pixel_values" in batch:
+        logits = model(batch["pixel_values"])
+    else:
+        logits = model(batch["input_ids"], **text_inputs(batch))
+    return jnp.argmax(logits, axis=-1)
+
+
+def classification(
+    model: nnx.Module, batches: list[Batch], task: str, metric: str = "accuracy"
+) -> Evaluator:
+    """Accuracy or binary F1 (x 100) of a classifier; batches carry `labels`."""
+    if metric not in ("accuracy", "f1"):
+        raise ValueError(f"task {task!r}: metric must be accuracy or f1, not {metric!r}.")
+    _require_examples(batches, task)
+    forward = make_forward(model, classify)
+    keys = (*TEXT_INPUTS, "pixel_values")
+    on_device = device_batches(batches, keys)
+    labels = np.concatenate([b["labels"][b["weights"] > 0] for b in batches])
+
+    def score(params: Any) -> float:
+        predicted = np.concatenate(
+            [
+                np.asarray(forward(params, batch))[b["weights"] > 0]
+                for batch, b in zip(on_device, batches, strict=True)
+            ]
+        )
+        if metric == "f1":
+            return metrics.binary_f1_x100(predicted, labels)
+        return metrics.accuracy_x100(predicted, labels)
+
+    return Evaluator(task, metric, True, score, (forward,), len(labels))
+
+
+def span_logits(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Start and end logits of a question-answering model, each (B, L)."""
+    return model(batch["input_ids"], **text_inputs(batch))
+
+
+def question_answering(
+    model: nnx.Module,
+    batches: list[Batch],
+    features: Sequence[dict[str, Any]],
+    answers: dict[Any, Sequence[str]],
+    task: str = "squad",
+    metric: str = "f1",
+    max_answer_length: int = 30,
+) -> Evaluator:
+    """SQuAD F1 or exact match (x 100): best span per example over its features.
+
+    `features[i]` describes the i-th real row of the batches: `example_id`, `context` (the text),
+    `offsets` ((L, 2) character offsets, (0, 0) outside the context) and `context_mask` ((L,)).
+    `answers[example_id]` lists the true answer texts.
+    """
+    if metric not in ("f1", "exact_match"):
+        raise ValueError(f"task {task!r}: QA metric must be f1 or exact_match, not {metric!r}.")
+    count = _require_examples(batches, task)
+    if count != len(features):
+        raise ValueError(f"task {task!r}: {count} real rows but {len(features)} feature records.")
+    forward = make_forward(model, span_logits)
+    on_device = device_batches(batches, TEXT_INPUTS)
+
+    def score(params: Any) -> float:
+        best: dict[Any, tuple[float, str]] = {}
+        starts, ends = [], []
+        for batch, b in zip(on_device, batches, strict=True):
+            start, end = forward(params, batch)
+            starts.append(np.asarray(start)[b["weights"] > 0])
+            ends.append(np.asarray(end)[b["weights"] > 0])
+        for feature, start, end in zip(
+            features, np.concatenate(starts), np.concatenate(ends), strict=True
+        ):
+            i, j, value = metrics.best_span(start, end, feature["context_mask"], max_answer_length)
+            text = feature["context"][feature["offsets"][i][0] : feature["offsets"][j][1]]
+            if value > best.get(feature["example_id"], (-np.inf, ""))[0]:
+                best[feature["example_id"]] = (value, text)
+        ids = list(answers)
+        predictions = [best.get(example_id, (0.0, ""))[1] for example_id in ids]
+        return metrics.squad_scores(predictions, [answers[i] for i in ids])[metric]
+
+    return Evaluator(task, metric, True, score, (forward,), len(answers))
