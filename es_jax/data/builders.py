@@ -239,7 +239,8 @@ class EsPangLee(_OfflineBuilder):
             tag, _, text = line.partition(" ")
             if tag not in ("__label__neg", "__label__pos"):
                 raise ValueError(f"pang_lee_polarity.cor line {index + 1}: unknown label {tag!r}")
-            yield index, {"index": index, "text": text.strip(), "label": tag.removeprefix("__label__")}
+            label = tag.removeprefix("__label__")
+            yield index, {"index": index, "text": text.strip(), "label": label}
 
 
 LOCAL_BUILDERS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {

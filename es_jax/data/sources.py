@@ -62,7 +62,8 @@ def local_builder(name: str, data_dir_path: str | os.PathLike | None = None):
     builder_cls = LOCAL_BUILDERS[family]
     configs = [c.name for c in builder_cls.BUILDER_CONFIGS]
     if configs and config not in configs:
-        raise ValueError(f"dataset {family!r} needs a config, one of {[f'{family}/{c}' for c in configs]}")
+        choices = [f"{family}/{c}" for c in configs]
+        raise ValueError(f"dataset {family!r} needs a config: use one of {choices}")
     if not configs and config:
         raise ValueError(f"dataset {family!r} has no configs; use {family!r}")
     directory = data_dir(data_dir_path)
