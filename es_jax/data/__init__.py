@@ -1,5 +1,23 @@
-"""Datasets (tfds sources: offline builders and catalogue names) and grain pipelines."""
+"""Datasets (tfds sources: offline builders and catalogue names) and grain pipelines.
 
+Readers (lists in a fixed order; local sets are built once into the data dir):
+  word_pairs(name) -> (pairs, human)          "wordsim353" | "simlex999"
+  lee_similarity() -> (documents, human 50x50)
+  documents(name) -> list[str]                "wikipedia" (dump order) | "lee_background"
+  labelled_sentences("pang_lee") -> (sentences, labels)
+  source(name, split) -> tfds data source     local short names or catalogue names
+Pipelines (grain):
+  padded_batches, packed_lm_dataset, token_blocks, subset_documents, tokenize_padded
+"""
+
+from es_jax.data.pipelines import (
+    host_shard,
+    packed_lm_dataset,
+    padded_batches,
+    subset_documents,
+    token_blocks,
+    tokenize_padded,
+)
 from es_jax.data.sources import (
     CATALOGUE,
     data_dir,
@@ -15,9 +33,15 @@ __all__ = [
     "CATALOGUE",
     "data_dir",
     "documents",
+    "host_shard",
     "labelled_sentences",
     "lee_similarity",
     "local_builder",
+    "packed_lm_dataset",
+    "padded_batches",
     "source",
+    "subset_documents",
+    "token_blocks",
+    "tokenize_padded",
     "word_pairs",
 ]

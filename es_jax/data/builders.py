@@ -130,9 +130,7 @@ class EsLeeBackground(_OfflineBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description="Lee background news corpus (gensim lee_background.cor).",
-            features=tfds.features.FeaturesDict(
-                {"index": np.int32, "text": tfds.features.Text()}
-            ),
+            features=tfds.features.FeaturesDict({"index": np.int32, "text": tfds.features.Text()}),
         )
 
     def _generate_examples(self) -> Iterator[tuple[int, dict]]:
