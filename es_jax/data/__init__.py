@@ -8,6 +8,9 @@ Readers (lists in a fixed order; local sets are built once into the data dir):
   source(name, split) -> tfds data source     local short names or catalogue names
 Pipelines (grain):
   padded_batches, packed_lm_dataset, token_blocks, subset_documents, tokenize_padded
+Fine-tuning tasks (es_jax.data.tasks):
+  classification_dataset(name, split, ...)    GLUE mnli/qnli/qqp/sst2/rte and pang_lee
+  squad_features(records, ...), feature_batches(features, ...)
 """
 
 from es_jax.data.pipelines import (
@@ -28,11 +31,24 @@ from es_jax.data.sources import (
     source,
     word_pairs,
 )
+from es_jax.data.tasks import (
+    CLASSIFICATION_TASKS,
+    classification_batches,
+    classification_dataset,
+    classification_task,
+    feature_batches,
+    squad_features,
+)
 
 __all__ = [
     "CATALOGUE",
+    "CLASSIFICATION_TASKS",
+    "classification_batches",
+    "classification_dataset",
+    "classification_task",
     "data_dir",
     "documents",
+    "feature_batches",
     "host_shard",
     "labelled_sentences",
     "lee_similarity",
@@ -40,6 +56,7 @@ __all__ = [
     "packed_lm_dataset",
     "padded_batches",
     "source",
+    "squad_features",
     "subset_documents",
     "token_blocks",
     "tokenize_padded",
