@@ -472,28 +472,24 @@ class WeightSpec:
 
 
 def linear_specs(
-    hf_prefix: str, path: Path, *, bias: bool = True, optional: bool = False
+    hf_prefix: str,
+    path: Path,
+    *,
+    bias: bool = True,
+    optional: bool = False,
+    alias_prefixes: Sequence[str] = (),
 ) -> list[WeightSpec]:
-    """Specs of a PyTorch `nn.Linear` (`weight` (out, in), `bias`) as a Flax `Linear`."""
-    specs = [
-        WeightSpec(
-            f"{hf_prefix}.weight", (*path, "kernel"), _transpose, _transpose, optional=optional
-        )
-    ]
-    if bias:
-        specs.append(WeightSpec(f"{hf_prefix}.bias", (*path, "bias"), optional=optional))
-    return specs
+    """Specs of a PyTorch `nn.Linear` (`weight` (out, in), `bias`) as a Flax `Linear`.
 
-
-def norm_specs(
-    hf_prefix: str, path: Path, *, bias: bool = True, optional: bool = False
-) -> list[WeightSpec]:
-    """Specs of a PyTorch LayerNorm/RMSNorm (`weight`, `bias`; legacy `gamma`, `beta`)."""
+    `alias_prefixes` are other module names under which a checkpoint may hold the same layer.
+    """
     specs = [
         WeightSpec(
             f"{hf_prefix}.weight",
-            (*path, "scale"),
-            aliases=(f"{hf_prefix}.gamma",),
+            (*path, "kernel"),
+            _transpose,
+            _transpose,
+            aliases=tuple(f"{alias}.weight" for alias in alias_prefixes),
             optional=optional,
         )
     ]
@@ -502,7 +498,40 @@ def norm_specs(
             WeightSpec(
                 f"{hf_prefix}.bias",
                 (*path, "bias"),
-                aliases=(f"{hf_prefix}.beta",),
+                aliases=tuple(f"{alias}.bias" for alias in alias_prefixes),
+                optional=optional,
+            )
+        )
+    return specs
+
+
+def norm_specs(
+    hf_prefix: str,
+    path: Path,
+    *,
+    bias: bool = True,
+    optional: bool = False,
+    alias_prefixes: Sequence[str] = (),
+) -> list[WeightSpec]:
+    """Specs of a PyTorch LayerNorm/RMSNorm (`weight`, `bias`; legacy `gamma`, `beta`)."""
+    prefixes = (hf_prefix, *alias_prefixes)
+    specs = [
+        WeightSpec(
+            f"{hf_prefix}.weight",
+            (*path, "scale"),
+            aliases=(
+                *(f"{p}.weight" for p in prefixes[1:]),
+                *(f"{p}.gamma" for p in prefixes),
+            ),
+            optional=optional,
+        )
+    ]
+    if bias:
+        specs.append(
+            WeightSpec(
+                f"{hf_prefix}.bias",
+                (*path, "bias"),
+                aliases=(*(f"{p}.bias" for p in prefixes[1:]), *(f"{p}.beta" for p in prefixes)),
                 optional=optional,
             )
         )

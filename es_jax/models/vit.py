@@ -1,0 +1,321 @@
+"""Vision Transformer (ViT, DINO) in Flax NNX with the Hugging Face checkpoint name map.
+
+Pre-LN blocks as in Hugging Face `ViTModel`. Images come in NHWC (`pixel_values` (B, H, W, C)); the
+patch embedding is a reshape into non-overlapping patches plus a `Linear`. DINO checkpoints are
+`ViTModel`s and load as the backbone without a head. Parameter paths (what `pruning` sees):
+`encoder/layers/{i}/attention/{query,key,value,out}/kernel` and
+`encoder/layers/{i}/mlp/{up,down}/kernel`, prefixed with `vit/` inside `ViTForImageClassification`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from es_jax.models import layers
+
+MODEL_TYPES = ("vit",)
+
+PRUNABLE = (
+    r"(?:.*/)?encoder/layers/\d+/(?:attention/(?:query|key|value|out)|mlp/(?:up|down))/kernel"
+)
+
+TASKS = ("classification",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """ViT hyper-parameters, named as in Hugging Face's config.json."""
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    qkv_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @property
+    def num_patches(self) -> int:
+        """Patches per image."""
+        return (self.image_size // self.patch_size) ** 2
+
+
+def config_from_hf(hf: dict) -> ViTConfig:
+    """A `ViTConfig` from a Hugging Face config.json dict (unknown fields ignored)."""
+    names = {f.name for f in dataclasses.fields(ViTConfig)} - {"dtype", "param_dtype"}
+    config = ViTConfig(**{k: v for k, v in hf.items() if k in names})
+    if config.image_size % config.patch_size:
+        raise ValueError(
+            f"image_size={config.image_size} is not a multiple of patch_size={config.patch_size}."
+        )
+    return config
+
+
+def config_to_hf(config: ViTConfig) -> dict:
+    """The Hugging Face config.json dict of `config`."""
+    hf = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("dtype", "param_dtype")}
+    return {"model_type": "vit", **hf}
+
+
+def _common(config: ViTConfig, rngs: nnx.Rngs) -> dict:
+    """Keyword arguments shared by every layer constructor."""
+    return dict(
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        init_stddev=config.initializer_range,
+        rngs=rngs,
+    )
+
+
+def _norm(config: ViTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """A LayerNorm over the hidden size."""
+    return layers.layer_norm(
+        config.hidden_size,
+        eps=config.layer_norm_eps,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        rngs=rngs,
+    )
+
+
+def patchify(pixel_values: jax.Array, patch_size: int) -> jax.Array:
+    """(B, H, W, C) images -> (B, patches, patch_size * patch_size * C), patches row-major."""
+    batch, height, width, channels = pixel_values.shape
+    rows, cols = height // patch_size, width // patch_size
+    x = pixel_values.reshape(batch, rows, patch_size, cols, patch_size, channels)
+    x = x.transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(batch, rows * cols, patch_size * patch_size * channels)
+
+
+class ViTEmbeddings(nnx.Module):
+    """Patch projection, a learned [CLS] token and learned position embeddings."""
+
+    def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        patch_features = config.patch_size**2 * config.num_channels
+        self.patch_embeddings = layers.linear(
+            patch_features, config.hidden_size, **_common(config, rngs)
+        )
+        init = layers.normal_init(config.initializer_range)
+        self.cls_token = nnx.Param(
+            init(rngs.params(), (1, 1, config.hidden_size), config.param_dtype)
+        )
+        self.position_embeddings = nnx.Param(
+            init(rngs.params(), (1, config.num_patches + 1, config.hidden_size), config.param_dtype)
+        )
+        self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
+
+    def __call__(self, pixel_values: jax.Array) -> jax.Array:
+        """Embeds NHWC images into (B, patches + 1, hidden)."""
+        size, channels = self.config.image_size, self.config.num_channels
+        if tuple(pixel_values.shape[1:]) != (size, size, channels):
+            raise ValueError(
+                f"pixel_values must be NHWC of shape (B, {size}, {size}, {channels}); got "
+                f"{tuple(pixel_values.shape)}. Resize the images or transpose NCHW to NHWC."
+            )
+        patches = self.patch_embeddings(patchify(pixel_values, self.config.patch_size))
+        cls = jnp.broadcast_to(
+            self.cls_token[...].astype(patches.dtype), (patches.shape[0], 1, patches.shape[-1])
+        )
+        x = jnp.concatenate([cls, patches], axis=1)
+        return self.dropout(x + self.position_embeddings[...].astype(x.dtype))
+
+
+class ViTLayer(nnx.Module):
+    """One pre-LN encoder block: norm, attention, residual; norm, MLP, residual."""
+
+    def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
+        common = _common(config, rngs)
+        self.attention_norm = _norm(config, rngs)
+        self.attention = layers.Attention(
+            config.hidden_size,
+            config.num_attention_heads,
+            use_bias=config.qkv_bias,
+            out_bias=True,
+            dropout_rate=config.attention_probs_dropout_prob,
+            **common,
+        )
+        self.mlp_norm = _norm(config, rngs)
+        self.mlp = layers.Mlp(
+            config.hidden_size,
+            config.intermediate_size,
+            activation_name=config.hidden_act,
+            **common,
+        )
+        self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Applies the block to (B, N, hidden)."""
+        x = x + self.dropout(self.attention(self.attention_norm(x)))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class ViTEncoder(nnx.Module):
+    """The stack of encoder blocks."""
+
+    def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
+        self.layers = nnx.List(
+            [ViTLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)]
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Applies every block in turn."""
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class ViTModel(nnx.Module):
+    """The ViT backbone; `__call__` returns the final-norm hidden states (B, patches + 1, H)."""
+
+    def __init__(self, config: ViTConfig, *, add_pooling_layer: bool = True, rngs: nnx.Rngs):
+        self.config = config
+        self.embeddings = ViTEmbeddings(config, rngs=rngs)
+        self.encoder = ViTEncoder(config, rngs=rngs)
+        self.norm = _norm(config, rngs)
+        self.pooler = (
+            layers.linear(config.hidden_size, config.hidden_size, **_common(config, rngs))
+            if add_pooling_layer
+            else None
+        )
+
+    def __call__(self, pixel_values: jax.Array) -> jax.Array:
+        """Encodes NHWC images."""
+        return self.norm(self.encoder(self.embeddings(pixel_values)))
+
+    def pool(self, hidden: jax.Array) -> jax.Array:
+        """The HF pooled output: tanh(dense(hidden state of [CLS]))."""
+        if self.pooler is None:
+            raise ValueError("This ViTModel was built without a pooler (add_pooling_layer=False).")
+        return jnp.tanh(self.pooler(hidden[:, 0]))
+
+
+class ViTForImageClassification(nnx.Module):
+    """ViT with a linear classifier on the final [CLS] hidden state."""
+
+    def __init__(self, config: ViTConfig, num_labels: int = 2, *, rngs: nnx.Rngs):
+        self.config = config
+        self.num_labels = num_labels
+        self.vit = ViTModel(config, add_pooling_layer=False, rngs=rngs)
+        self.classifier = layers.linear(config.hidden_size, num_labels, **_common(config, rngs))
+
+    def __call__(self, pixel_values: jax.Array) -> jax.Array:
+        """Class logits (B, num_labels)."""
+        return self.classifier(self.vit(pixel_values)[:, 0])
+
+
+def build(
+    config: ViTConfig, task: str | None, *, rngs: nnx.Rngs, num_labels: int = 2
+) -> nnx.Module:
+    """The ViT model for `task`: None (the backbone) or "classification"."""
+    if task is None:
+        return ViTModel(config, rngs=rngs)
+    if task == "classification":
+        return ViTForImageClassification(config, num_labels, rngs=rngs)
+    raise ValueError(f"ViT has no task {task!r}; choose None or one of {TASKS}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face names.
+
+
+def _conv_to_kernel(weight: np.ndarray) -> np.ndarray:
+    """PyTorch Conv2d weight (out, C, p, p) -> patch kernel (p * p * C, out)."""
+    return np.ascontiguousarray(weight.transpose(2, 3, 1, 0).reshape(-1, weight.shape[0]))
+
+
+def _kernel_to_conv(kernel: np.ndarray, patch_size: int, channels: int) -> np.ndarray:
+    """Patch kernel (p * p * C, out) -> PyTorch Conv2d weight (out, C, p, p)."""
+    conv = kernel.reshape(patch_size, patch_size, channels, kernel.shape[-1])
+    return np.ascontiguousarray(conv.transpose(3, 2, 0, 1))
+
+
+def _backbone_specs(config: ViTConfig, pooler: bool) -> list[layers.WeightSpec]:
+    """Specs of a `ViTModel`, HF names without the `vit.` prefix."""
+    to_hf = functools.partial(
+        _kernel_to_conv, patch_size=config.patch_size, channels=config.num_channels
+    )
+    patch = "embeddings.patch_embeddings.projection"
+    specs = [
+        layers.WeightSpec("embeddings.cls_token", ("embeddings", "cls_token")),
+        layers.WeightSpec("embeddings.position_embeddings", ("embeddings", "position_embeddings")),
+        layers.WeightSpec(
+            f"{patch}.weight", ("embeddings", "patch_embeddings", "kernel"), _conv_to_kernel, to_hf
+        ),
+        layers.WeightSpec(f"{patch}.bias", ("embeddings", "patch_embeddings", "bias")),
+    ]
+    for i in range(config.num_hidden_layers):
+        # Hub checkpoints use the transformers-4 names; transformers 5 renamed the modules.
+        hf, v5, ours = f"encoder.layer.{i}", f"layers.{i}", ("encoder", "layers", i)
+        specs += layers.norm_specs(
+            f"{hf}.layernorm_before",
+            (*ours, "attention_norm"),
+            alias_prefixes=(f"{v5}.layernorm_before",),
+        )
+        for name, v5_name in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+            specs += layers.linear_specs(
+                f"{hf}.attention.attention.{name}",
+                (*ours, "attention", name),
+                bias=config.qkv_bias,
+                alias_prefixes=(f"{v5}.attention.{v5_name}",),
+            )
+        specs += layers.linear_specs(
+            f"{hf}.attention.output.dense",
+            (*ours, "attention", "out"),
+            alias_prefixes=(f"{v5}.attention.o_proj",),
+        )
+        specs += layers.norm_specs(
+            f"{hf}.layernorm_after", (*ours, "mlp_norm"), alias_prefixes=(f"{v5}.layernorm_after",)
+        )
+        specs += layers.linear_specs(
+            f"{hf}.intermediate.dense", (*ours, "mlp", "up"), alias_prefixes=(f"{v5}.mlp.fc1",)
+        )
+        specs += layers.linear_specs(
+            f"{hf}.output.dense", (*ours, "mlp", "down"), alias_prefixes=(f"{v5}.mlp.fc2",)
+        )
+    specs += layers.norm_specs("layernorm", ("norm",))
+    if pooler:
+        specs += layers.linear_specs("pooler.dense", ("pooler",), optional=True)
+    return specs
+
+
+def weight_specs(model: nnx.Module) -> list[layers.WeightSpec]:
+    """The HF <-> NNX name map of any ViT model of this module."""
+    if isinstance(model, ViTModel):
+        specs = _backbone_specs(model.config, model.pooler is not None)
+        return [
+            dataclasses.replace(
+                s, aliases=(*s.aliases, *("vit." + n for n in (s.hf_name, *s.aliases)))
+            )
+            for s in specs
+        ]
+    if not isinstance(model, ViTForImageClassification):
+        raise TypeError(f"{type(model).__name__} is not a ViT model of es_jax.models.vit")
+    backbone = layers.with_prefix(_backbone_specs(model.config, False), "vit.", accept_bare=True)
+    specs = [dataclasses.replace(spec, path=("vit", *spec.path)) for spec in backbone]
+    return specs + layers.linear_specs("classifier", ("classifier",), optional=True)
+
+
+def load_hf_tensors(model: nnx.Module, tensors: dict[str, np.ndarray]) -> None:
+    """Fills `model` in place from a Hugging Face ViT state dict (validated before assigning)."""
+    layers.assign_hf_tensors(model, weight_specs(model), tensors, family="ViT")
+
+
+def export_hf_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
+    """The Hugging Face state dict of `model` (loads into the matching transformers class)."""
+    return layers.collect_hf_tensors(model, weight_specs(model))
