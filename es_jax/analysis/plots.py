@@ -1,0 +1,160 @@
+"""Sweep figures: drop against sparsity per task, per-layer sparsity, and where pruned weights sit.
+
+All functions take plain data (the `runs` of a results.json, `{path: value}` dicts, numpy masks),
+write one PNG and return its path. matplotlib runs headless (Agg).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+LAYER_INDEX = re.compile(r"/(\d+)/")
+
+
+def _grid(count: int, columns: int) -> tuple[int, int]:
+    """Rows and columns of a subplot grid for `count` panels."""
+    columns = max(1, min(columns, count))
+    return math.ceil(count / columns), columns
+
+
+def plot_drops(runs: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """One panel per (model, task): drop vs sparsity per (pattern, scorer), essential marked.
+
+    The y-axis is the drop in the metric's units (positive = worse than dense); the dashed line
+    is the tolerance epsilon, and a dotted vertical line of the curve's colour marks its
+    essential sparsity. Perplexity drops use a symmetric log scale, as they explode past the knee.
+    """
+    panels: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for run in runs:
+        panels.setdefault((run["model"], run["task"]), []).append(run)
+    rows, columns = _grid(len(panels), 3)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, ((model, task), panel_runs) in zip(axes.flat, panels.items(), strict=False):
+        for run in panel_runs:
+            levels = sorted(run["levels"], key=lambda level: level["sparsity"])
+            x = [100 * level["sparsity"] for level in levels]
+            y = [level["drop"] for level in levels]
+            (line,) = ax.plot(x, y, marker="o", ms=3, label=f"{run['pattern']}/{run['scorer']}")
+            if run.get("essential_sparsity") is not None:
+                ax.axvline(100 * run["essential_sparsity"], color=line.get_color(), ls=":")
+        tolerance = panel_runs[0].get("tolerance")
+        if tolerance is not None:
+            ax.axhline(tolerance, color="grey", ls="--", lw=1, label="epsilon")
+        ax.axhline(0.0, color="black", lw=0.5)
+        if not panel_runs[0]["higher_is_better"]:
+            ax.set_yscale("symlog", linthresh=max(tolerance or 1.0, 1e-3))
+        ax.set_title(f"{model} / {task}")
+        ax.set_xlabel("sparsity of the target weights (%)")
+        ax.set_ylabel(f"drop in {panel_runs[0]['metric']} (worse >)")
+        ax.legend(fontsize=7)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def layer_of(path: str) -> int | None:
+    """The first integer component of a '/'-joined parameter path (its block index)."""
+    match = LAYER_INDEX.search(path)
+    return int(match.group(1)) if match else None
+
+
+def component_of(path: str) -> str:
+    """A parameter path without its block prefix and trailing `/kernel`: the component's name."""
+    match = LAYER_INDEX.search(path)
+    tail = path[match.end() :] if match else path
+    return re.sub(r"/(kernel|weight|value)$", "", tail)
+
+
+def plot_layer_sparsity(
+    leaf_sparsity: Mapping[str, float], path: str | Path, title: str = ""
+) -> Path:
+    """Bars of each target matrix's sparsity, grouped by block and coloured by component."""
+    components = sorted({component_of(p) for p in leaf_sparsity})
+    colours = plt.get_cmap("tab10")
+    figure, ax = plt.subplots(figsize=(max(6.0, 0.12 * len(leaf_sparsity) + 2), 3.8))
+    for i, (leaf, sparsity) in enumerate(leaf_sparsity.items()):
+        ax.bar(i, 100 * sparsity, color=colours(components.index(component_of(leaf)) % 10))
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours(i % 10)) for i in range(len(components))]
+    ax.legend(handles, components, fontsize=7, ncols=min(4, len(components)))
+    layers = [layer_of(p) for p in leaf_sparsity]
+    starts = [i for i, layer in enumerate(layers) if i == 0 or layer != layers[i - 1]]
+    ax.set_xticks(starts, [str(layers[i]) for i in starts], fontsize=7)
+    ax.set_xlabel("block (matrices in order)")
+    ax.set_ylabel("sparsity (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def pruned_density(mask: np.ndarray, max_pixels: int = 192) -> np.ndarray:
+    """Fraction of pruned weights in blocks of a 2-D keep-mask, at most `max_pixels` a side."""
+    pruned = ~np.asarray(mask, dtype=bool)
+    rows, cols = pruned.shape
+    step_r, step_c = math.ceil(rows / max_pixels), math.ceil(cols / max_pixels)
+    padded = np.zeros((math.ceil(rows / step_r) * step_r, math.ceil(cols / step_c) * step_c))
+    counts = np.zeros_like(padded)
+    padded[:rows, :cols] = pruned
+    counts[:rows, :cols] = 1
+    shape = (padded.shape[0] // step_r, step_r, padded.shape[1] // step_c, step_c)
+    return padded.reshape(shape).sum((1, 3)) / np.maximum(counts.reshape(shape).sum((1, 3)), 1)
+
+
+def plot_component_masks(
+    masks: Mapping[str, np.ndarray], path: str | Path, title: str = "", max_layers: int = 6
+) -> Path:
+    """The paper's Figure 1 view: each component's keep-mask, pruned weights bright.
+
+    Rows are blocks (at most `max_layers`, evenly spaced), columns are components (q, k, v, out,
+    FFN ...); each panel is the (in, out) matrix, pruned weights yellow, with block averaging for
+    large matrices. Panel titles give the component's pruned percentage.
+    """
+    layers = sorted({layer_of(p) for p in masks if layer_of(p) is not None})
+    if len(layers) > max_layers:
+        picks = np.linspace(0, len(layers) - 1, max_layers).round().astype(int)
+        layers = [layers[i] for i in sorted(set(picks))]
+    components = list(dict.fromkeys(component_of(p) for p in masks))
+    by_key = {(layer_of(p), component_of(p)): m for p, m in masks.items()}
+    figure, axes = plt.subplots(
+        len(layers),
+        len(components),
+        figsize=(2.0 * len(components), 1.9 * len(layers) + 0.6),
+        squeeze=False,
+    )
+    for r, layer in enumerate(layers):
+        for c, component in enumerate(components):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            mask = by_key.get((layer, component))
+            if mask is None:
+                ax.set_visible(False)
+                continue
+            ax.imshow(pruned_density(mask), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+            pruned = 100 * (1 - np.mean(mask))
+            ax.set_title(f"{component}\n{pruned:.1f}% pruned", fontsize=7)
+            if c == 0:
+                ax.set_ylabel(f"block {layer}", fontsize=8)
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def _save(figure: plt.Figure, path: str | Path) -> Path:
+    """Writes the figure as PNG and closes it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

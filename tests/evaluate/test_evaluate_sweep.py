@@ -1,0 +1,183 @@
+"""The sweep driver: config and overrides, bad input refused up front, an end-to-end tiny sweep
+that writes results.json/CSV/plots, compiles each evaluator once, and resumes without redoing."""
+
+import json
+
+import ml_collections
+import numpy as np
+import pytest
+
+from es_jax.evaluate import sweep
+
+TINY_BERT = {
+    "model_type": "bert",
+    "vocab_size": 30522,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+}
+TINY_LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 30522,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "tie_word_embeddings": True,
+}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))
+
+
+def tiny_config(data_dir: str) -> ml_collections.ConfigDict:
+    """A small sweep: tiny BERT on Lee and WordSim-353, tiny Llama perplexity, 4 levels."""
+    config = sweep.default_config()
+    config.grid = (0.0, 0.3, 0.6, 0.9)
+    config.data_dir = data_dir
+    config.models = ml_collections.ConfigDict()
+    config.models.bert = sweep.model_settings(
+        tiny=TINY_BERT,
+        tasks=("lee", "wordsim353"),
+        scorers=("magnitude", "random"),
+        patterns=("global", "2:4"),
+        max_length=32,
+        max_examples=20,
+        batch_size=8,
+    )
+    config.models.llama = sweep.model_settings(
+        tiny=TINY_LLAMA,
+        tasks=("wikitext",),
+        scorers=("magnitude", "wanda"),
+        patterns=("global",),
+        lm_length=32,
+        lm_blocks=6,
+        batch_size=4,
+        calibration_blocks=2,
+        calibration_length=32,
+    )
+    return config
+
+
+def test_default_config_is_the_embedded_offline_sweep():
+    config = sweep.default_config()
+    assert config.grid == tuple(round(0.1 * i, 1) for i in range(10))
+    assert set(config.models.minilm.tasks) == {"lee", "wordsim353", "simlex999"}
+    assert config.models.smollm2.tasks == ("wikitext",)
+    assert set(config.models.smollm2.scorers) == {"magnitude", "wanda"}
+
+
+def test_overrides_are_typed_like_the_values_they_replace(tmp_path):
+    config, workdir = sweep.parse_args(
+        [
+            "--workdir",
+            str(tmp_path),
+            "--config.grid=0.0,0.5",
+            "--config.refine=2",
+            "--config.models.minilm.tasks=lee",
+            "--config.epsilon.absolute=2",
+        ]
+    )
+    assert workdir == tmp_path
+    assert config.grid == (0.0, 0.5)
+    assert config.refine == 2
+    assert config.models.minilm.tasks == ("lee",)
+    assert config.epsilon.absolute == 2.0
+
+
+def test_config_file_is_loaded_with_overrides(tmp_path):
+    file = tmp_path / "exp.py"
+    file.write_text(
+        "from es_jax.evaluate import sweep\n\n"
+        "def get_config():\n"
+        "    config = sweep.default_config()\n"
+        "    config.grid = (0.0, 0.2)\n"
+        "    return config\n"
+    )
+    config, _ = sweep.parse_args(["--config", str(file), "--config.seed=3"])
+    assert config.grid == (0.0, 0.2)
+    assert config.seed == 3
+
+
+def test_unknown_config_key_is_refused():
+    with pytest.raises(ValueError, match="unknown config key 'gird'"):
+        sweep.parse_args(["--config.gird=0.1"])
+    with pytest.raises(ValueError, match=r"unknown config key 'models\.minilm\.taks'"):
+        sweep.parse_args(["--config.models.minilm.taks=lee"])
+
+
+def test_unknown_model_setting_is_refused():
+    with pytest.raises(ValueError, match="unknown model setting 'scorer'"):
+        sweep.model_settings(scorer="magnitude")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: setattr(c.models.bert, "tasks", ("nope",)), "unknown task 'nope'"),
+        (lambda c: setattr(c.models.bert, "patterns", ("diagonal",)), "unknown pattern"),
+        (lambda c: setattr(c.models.bert, "patterns", ("4:2",)), "0 < N < M"),
+        (lambda c: setattr(c.models.bert, "scorers", ("gradient",)), "unknown scorer"),
+        (lambda c: setattr(c, "grid", (0.0, 1.5)), r"outside \[0, 1\)"),
+        (lambda c: setattr(c, "grid", (-0.1, 0.5)), r"outside \[0, 1\)"),
+        (
+            lambda c: setattr(c.models.bert, "tasks", ("wikitext",)),
+            "needs a model of kind 'causal_lm'",
+        ),
+        (lambda c: setattr(c.models.llama, "tasks", ("lee",)), "needs a model of kind 'encoder'"),
+        (lambda c: setattr(c.models.bert, "tasks", ("glue/sst2",)), "needs fine-tuning"),
+        (lambda c: c.models.bert.tiny.update({"model_type": "gpt9"}), "Unsupported architecture"),
+    ],
+)
+def test_bad_input_is_refused_before_any_work(tmp_path, data_dir, change, message):
+    config = tiny_config(data_dir)
+    change(config)
+    with pytest.raises(ValueError, match=message):
+        sweep.run(config, tmp_path, progress=False)
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_unknown_model_name_is_refused(tmp_path, data_dir):
+    config = tiny_config(data_dir)
+    config.models.bert.tiny = ml_collections.ConfigDict()
+    config.models.bert.name = "./no/such/model"
+    with pytest.raises((ValueError, FileNotFoundError), match=r"does not exist|not a bundled"):
+        sweep.run(config, tmp_path, progress=False)
+
+
+def test_pattern_levels():
+    assert sweep.pattern_levels(sweep.parse_pattern("2:4"), (0.0, 0.1)) == [0.5]
+    assert sweep.pattern_levels(sweep.parse_pattern("1:4"), (0.0,)) == [0.75]
+    assert sweep.pattern_levels(sweep.parse_pattern("global"), (0.0, 0.1, 0.2)) == [0.1, 0.2]
+
+
+def test_finalise_computes_drops_essential_and_epsilon():
+    record = {
+        "metric": "perplexity",
+        "higher_is_better": False,
+        "dense": 20.0,
+        "levels": [
+            {"sparsity": s, "value": v}
+            for s, v in [(0.0, 20.0), (0.1, 20.1), (0.2, 20.15), (0.3, 20.5), (0.4, 40.0)]
+        ],
+    }
+    epsilon = ml_collections.ConfigDict({"absolute": 1.0, "relative": 0.01})
+    sweep.finalise(record, epsilon)
+    assert record["epsilon"] == {"value": 0.01, "relative": True}
+    assert record["tolerance"] == pytest.approx(0.2)
+    assert record["essential_sparsity"] == 0.2
+    np.testing.assert_allclose([lv["drop"] for lv in record["levels"]], [0, 0.1, 0.15, 0.5, 20])
+
+
+def test_write_atomically_leaves_no_temporary_files(tmp_path):
+    target = tmp_path / "results.json"
+    sweep.write_atomically(target, "{}")
+    sweep.write_atomically(target, '{"a": 1}')
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
