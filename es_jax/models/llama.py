@@ -83,14 +83,17 @@ def _rope_theta(hf: dict) -> float:
 
 
 def config_from_hf(hf: dict) -> LlamaConfig:
-    """A `LlamaConfig` from a Hugging Face `config.json` dict."""
+    """A `LlamaConfig` from an HF `config.json` dict (KV heads and head size made explicit)."""
     if hf.get("model_type", "llama") not in MODEL_TYPES:
         raise ValueError(f"model_type {hf.get('model_type')!r} is not a Llama; expected 'llama'")
     names = {field.name for field in dataclasses.fields(LlamaConfig)} - set(_NOT_HF)
     values = {name: hf[name] for name in names if name in hf}
     if isinstance(values.get("eos_token_id"), list):
         values["eos_token_id"] = tuple(values["eos_token_id"])
-    return LlamaConfig(**values, rope_theta=_rope_theta(hf))
+    config = LlamaConfig(**values, rope_theta=_rope_theta(hf))
+    return dataclasses.replace(
+        config, num_key_value_heads=config.kv_heads, head_dim=config.attention_head_dim
+    )
 
 
 def config_to_hf(config: LlamaConfig) -> dict:
