@@ -84,7 +84,7 @@ def _layer_norm(config: OPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 
 def config_from_hf(hf: dict) -> OPTConfig:
-    """An `OPTConfig` from a Hugging Face `config.json` dict."""
+    """An `OPTConfig` from an HF `config.json` dict (word_embed_proj_dim made explicit)."""
     if hf.get("model_type", "opt") not in MODEL_TYPES:
         raise ValueError(f"model_type {hf.get('model_type')!r} is not OPT; expected 'opt'")
     if not hf.get("layer_norm_elementwise_affine", True):
@@ -93,7 +93,8 @@ def config_from_hf(hf: dict) -> OPTConfig:
             "only checkpoints with LayerNorm scale and bias load"
         )
     names = {field.name for field in dataclasses.fields(OPTConfig)} - set(_NOT_HF)
-    return OPTConfig(**{name: hf[name] for name in names if name in hf})
+    config = OPTConfig(**{name: hf[name] for name in names if name in hf})
+    return dataclasses.replace(config, word_embed_proj_dim=config.embed_dim)
 
 
 def config_to_hf(config: OPTConfig) -> dict:
