@@ -1,0 +1,199 @@
+"""models.load / models.export: bundled names, local folders (single, sharded, .bin), hub ids from
+an offline cache, and the errors for missing files, unknown architectures and .bin without torch."""
+
+import importlib.util
+import json
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from safetensors.numpy import save_file
+
+from es_jax import models
+from es_jax.models import bert, hub
+
+TINY = dict(
+    vocab_size=60,
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=20,
+)
+IDS = jnp.array([[5, 7, 9, 11, 2], [3, 4, 0, 0, 0]])
+MASK = jnp.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """An HF folder (config.json + model.safetensors) of a random tiny BertModel."""
+    torch.manual_seed(0)
+    theirs = transformers.BertModel(transformers.BertConfig(**TINY)).eval()
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    theirs.save_pretrained(folder)
+    return folder
+
+
+def _hidden(model):
+    """Last hidden state of a BERT model on the fixed batch."""
+    return np.asarray(model(IDS, MASK))
+
+
+def _torch_inputs():
+    """The fixed batch as transformers keyword arguments."""
+    return {
+        "input_ids": torch.tensor(np.asarray(IDS)),
+        "attention_mask": torch.tensor(np.asarray(MASK)),
+    }
+
+
+def _reference(folder):
+    """transformers' BertModel output on the fixed batch."""
+    theirs = transformers.BertModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        out = theirs(**_torch_inputs())
+    return out.last_hidden_state.numpy()
+
+
+def test_local_folder_loads_without_tokenizer(tiny_folder):
+    model, tokenizer = models.load(tiny_folder)
+    assert isinstance(model, bert.BertModel)
+    assert tokenizer is None
+    valid = np.asarray(MASK, bool)
+    np.testing.assert_allclose(_hidden(model)[valid], _reference(tiny_folder)[valid], atol=1e-4)
+
+
+def test_bundled_minilm_comes_with_its_fast_tokenizer():
+    model, tokenizer = models.load("minilm")
+    assert isinstance(model, bert.BertModel)
+    assert model.config.hidden_size == 384
+    assert model.config.num_hidden_layers == 6
+    assert tokenizer.is_fast
+    assert tokenizer("sparsity")["input_ids"][0] == tokenizer.cls_token_id
+
+
+def test_sharded_safetensors_index_loads_the_same_model(tiny_folder, tmp_path):
+    tensors = hub.read_safetensors(tiny_folder / hub.SAFETENSORS)
+    names = sorted(tensors)
+    shards = {"a.safetensors": names[: len(names) // 2], "b.safetensors": names[len(names) // 2 :]}
+    for shard, shard_names in shards.items():
+        save_file({n: tensors[n] for n in shard_names}, tmp_path / shard)
+    weight_map = {n: shard for shard, shard_names in shards.items() for n in shard_names}
+    (tmp_path / hub.SAFETENSORS_INDEX).write_text(json.dumps({"weight_map": weight_map}))
+    shutil.copy(tiny_folder / hub.CONFIG, tmp_path / hub.CONFIG)
+    sharded, _ = models.load(tmp_path)
+    single, _ = models.load(tiny_folder)
+    np.testing.assert_array_equal(_hidden(sharded), _hidden(single))
+
+
+def test_missing_shard_is_named(tiny_folder, tmp_path):
+    shutil.copy(tiny_folder / hub.CONFIG, tmp_path / hub.CONFIG)
+    shard = "model-00001-of-00002.safetensors"
+    index = {"weight_map": {"embeddings.word_embeddings.weight": shard}}
+    (tmp_path / hub.SAFETENSORS_INDEX).write_text(json.dumps(index))
+    with pytest.raises(FileNotFoundError, match="model-00001-of-00002"):
+        models.load(tmp_path)
+
+
+def test_pytorch_bin_loads_when_torch_is_installed(tiny_folder, tmp_path):
+    shutil.copy(tiny_folder / hub.CONFIG, tmp_path / hub.CONFIG)
+    state = transformers.BertModel.from_pretrained(tiny_folder).state_dict()
+    torch.save(state, tmp_path / hub.PYTORCH_BIN)
+    from_bin, _ = models.load(tmp_path)
+    single, _ = models.load(tiny_folder)
+    np.testing.assert_array_equal(_hidden(from_bin), _hidden(single))
+
+
+def test_pytorch_bin_without_torch_says_what_to_do(tiny_folder, tmp_path, monkeypatch):
+    shutil.copy(tiny_folder / hub.CONFIG, tmp_path / hub.CONFIG)
+    (tmp_path / hub.PYTORCH_BIN).write_bytes(b"not read")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "torch" else real_find_spec(name, *args),
+    )
+    with pytest.raises(ValueError, match=r"torch is not installed.*safetensors"):
+        models.load(tmp_path)
+
+
+def test_missing_config_and_missing_weights_are_reported(tiny_folder, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
+        models.load(tmp_path)
+    shutil.copy(tiny_folder / hub.CONFIG, tmp_path / hub.CONFIG)
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
+        models.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        models.load(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="GGUF"):
+        models.load(tmp_path / "missing.gguf")
+
+
+def test_unknown_architecture_lists_the_supported_ones(tmp_path):
+    (tmp_path / hub.CONFIG).write_text(json.dumps({"model_type": "t5"}))
+    with pytest.raises(ValueError, match=r"t5.*bert.*llama.*opt.*vit"):
+        models.load(tmp_path)
+
+
+def _offline_cache(cache, repo_id, source):
+    """Lays out `source` as the huggingface_hub cache entry of `repo_id` at revision main."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(source, repo / "snapshots" / commit)
+
+
+def test_hub_id_resolves_from_the_offline_cache(tiny_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _offline_cache(tmp_path, "someone/tiny-bert", tiny_folder)
+    model, _ = models.load("someone/tiny-bert", cache_dir=tmp_path)
+    single, _ = models.load(tiny_folder)
+    np.testing.assert_array_equal(_hidden(model), _hidden(single))
+
+
+def test_hub_id_missing_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"not available from the Hugging Face hub or its cache"):
+        models.load("someone/absent-model", cache_dir=tmp_path)
+
+
+def test_export_writes_a_folder_transformers_loads(tiny_folder, tmp_path):
+    model, _ = models.load(tiny_folder, task="classification", num_labels=3)
+    folder = models.export(model, tmp_path / "out")
+    config = json.loads((folder / hub.CONFIG).read_text())
+    assert config["architectures"] == ["BertForSequenceClassification"]
+    assert config["model_type"] == "bert"
+    assert len(config["id2label"]) == 3
+    theirs = transformers.BertForSequenceClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        expected = theirs(**_torch_inputs())
+    np.testing.assert_allclose(np.asarray(model(IDS, MASK)), expected.logits.numpy(), atol=1e-4)
+    reloaded, _ = models.load(folder, task="classification")
+    assert reloaded.num_labels == 3
+    np.testing.assert_array_equal(np.asarray(reloaded(IDS, MASK)), np.asarray(model(IDS, MASK)))
+
+
+def test_mlm_export_round_trips_with_tied_decoder(tiny_folder, tmp_path):
+    model, _ = models.load(tiny_folder, task="mlm")
+    folder = models.export(model, tmp_path / "mlm")
+    theirs = transformers.BertForMaskedLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        expected = theirs(**_torch_inputs())
+    valid = np.asarray(MASK, bool)
+    got = np.asarray(model(IDS, MASK))
+    np.testing.assert_allclose(got[valid], expected.logits.numpy()[valid], atol=1e-4)
+
+
+def test_prunable_and_dtype_options(tiny_folder):
+    model, _ = models.load(tiny_folder, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    assert models.prunable(model) == bert.PRUNABLE
+    kernel = model.encoder.layers[0].attention.query.kernel[...]
+    assert kernel.dtype == jnp.bfloat16
+    assert model(IDS, MASK).dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match="not an es_jax model"):
+        models.prunable(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
