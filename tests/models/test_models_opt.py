@@ -131,12 +131,15 @@ def test_prunable_selects_six_matrices_per_layer(name, task):
         assert "decoder/project_out/kernel" in paths
 
 
-@pytest.mark.parametrize(("name", "task"), [("pre_ln", "causal_lm"),
-                                            ("post_ln_projected", "classification")])
-def test_pruned_export_loads_in_transformers_with_same_outputs_and_zeros(name, task, tmp_path):
+@pytest.mark.parametrize(
+    ("name", "task", "sparsity"),
+    [("pre_ln", "causal_lm", 0.5), ("post_ln_projected", "classification", 0.0)],
+)
+def test_export_loads_in_transformers_with_same_outputs_and_zeros(name, task, sparsity, tmp_path):
     model = flax_opt(torch_opt(CONFIGS[name], task), task)
-    pruned, _ = pruning.omp(nnx.state(model, nnx.Param), 0.5, where=opt.PRUNABLE)
-    nnx.update(model, pruned)
+    if sparsity:
+        pruned, _ = pruning.omp(nnx.state(model, nnx.Param), sparsity, where=opt.PRUNABLE)
+        nnx.update(model, pruned)
     save_file(opt.export_hf_tensors(model), tmp_path / "model.safetensors")
     hf_config = dict(opt.config_to_hf(model.config), num_labels=3)
     (tmp_path / "config.json").write_text(json.dumps(hf_config))
@@ -153,7 +156,7 @@ def test_pruned_export_loads_in_transformers_with_same_outputs_and_zeros(name, t
     ]
     assert len(targets) == 6 * TINY["num_hidden_layers"]
     zeros = sum(int((p == 0).sum()) for p in targets)
-    assert zeros == round(0.5 * sum(p.numel() for p in targets))
+    assert zeros == round(sparsity * sum(p.numel() for p in targets))
 
 
 def test_classification_loads_a_causal_lm_checkpoint_with_a_fresh_head():
