@@ -1,0 +1,114 @@
+"""models.activation_norms: input-feature L2 norms of every PRUNABLE kernel, checked against the
+inputs PyTorch's BERT feeds the same layers (captured with forward hooks, reduced in numpy)."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from es_jax import models, pruning
+from es_jax.models import bert
+
+TINY = dict(
+    vocab_size=50,
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=24,
+    max_position_embeddings=16,
+)
+HF_MODULES = {
+    "attention/query": "attention.self.query",
+    "attention/key": "attention.self.key",
+    "attention/value": "attention.self.value",
+    "attention/out": "attention.output.dense",
+    "mlp/up": "intermediate.dense",
+    "mlp/down": "output.dense",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A random tiny transformers BertModel, ours with the same weights, and two batches."""
+    torch.manual_seed(0)
+    theirs = transformers.BertModel(transformers.BertConfig(**TINY)).eval()
+    state = {k: v.numpy() for k, v in theirs.state_dict().items()}
+    ours = models.from_hf(theirs.config.to_dict(), state)
+    rng = np.random.default_rng(0)
+    batches = [
+        {"input_ids": rng.integers(1, 50, size=(2, 8)), "attention_mask": np.ones((2, 8), int)}
+        for _ in range(2)
+    ]
+    return theirs, ours, batches
+
+
+def _numpy_norms(theirs, batches):
+    """{our kernel path: sqrt(sum over tokens of x^2)} from the inputs PyTorch's layers receive."""
+    sums = {}
+
+    def hook(path):
+        def record(module, inputs, output):
+            x = inputs[0].detach().numpy().astype(np.float64)
+            sums[path] = sums.get(path, 0.0) + np.square(x.reshape(-1, x.shape[-1])).sum(0)
+
+        return record
+
+    handles = []
+    for i in range(TINY["num_hidden_layers"]):
+        for ours, hf in HF_MODULES.items():
+            module = theirs.get_submodule(f"encoder.layer.{i}.{hf}")
+            handles.append(module.register_forward_hook(hook(f"encoder/layers/{i}/{ours}/kernel")))
+    with torch.no_grad():
+        for batch in batches:
+            theirs(**{k: torch.tensor(v) for k, v in batch.items()})
+    for handle in handles:
+        handle.remove()
+    return {path: np.sqrt(total) for path, total in sums.items()}
+
+
+def test_norms_match_a_numpy_computation_on_pytorch_inputs(tiny):
+    theirs, ours, batches = tiny
+    got = models.activation_norms(ours, batches)
+    expected = _numpy_norms(theirs, batches)
+    assert sorted(got) == sorted(expected)
+    assert len(got) == 6 * TINY["num_hidden_layers"]
+    for path, norms in got.items():
+        np.testing.assert_allclose(np.asarray(norms), expected[path], rtol=1e-4, err_msg=path)
+
+
+def test_keys_are_the_prunable_parameter_paths_and_feed_wanda(tiny):
+    _, ours, batches = tiny
+    norms = models.activation_norms(ours, batches[:1])
+    scores = pruning.wanda(nnx.state(ours, nnx.Param), norms, where=bert.PRUNABLE)
+    query = "encoder/layers/0/attention/query/kernel"
+    score_by_path = dict(zip(pruning.leaf_paths(scores), jax.tree.leaves(scores), strict=True))
+    kernel = np.asarray(ours.encoder.layers[0].attention.query.kernel[...])
+    np.testing.assert_allclose(
+        score_by_path[query], np.abs(kernel) * np.asarray(norms[query])[:, None], rtol=1e-6
+    )
+    assert norms[query].shape == (TINY["hidden_size"],)
+
+
+def test_custom_selector_and_model_left_unchanged(tiny):
+    _, ours, batches = tiny
+    norms = models.activation_norms(ours, batches, where=r".*/mlp/down/kernel")
+    assert sorted(norms) == [f"encoder/layers/{i}/mlp/down/kernel" for i in range(2)]
+    assert norms["encoder/layers/0/mlp/down/kernel"].shape == (TINY["intermediate_size"],)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours(jnp.asarray(batches[0]["input_ids"]))
+
+
+def test_bad_selectors_and_no_batches_are_refused(tiny):
+    _, ours, batches = tiny
+    with pytest.raises(ValueError, match="matches no parameter"):
+        models.activation_norms(ours, batches, where=r"nothing/kernel")
+    with pytest.raises(ValueError, match="No inputs were recorded"):
+        models.activation_norms(ours, batches, where=r".*word_embeddings/embedding")
+    with pytest.raises(ValueError, match="at least one calibration batch"):
+        models.activation_norms(ours, [])
