@@ -23,11 +23,11 @@ from es_jax.data.pipelines import (
 )
 from es_jax.data.sources import (
     CATALOGUE,
-    data_dir,
     documents,
     labelled_sentences,
     lee_similarity,
     local_builder,
+    resolve_data_dir,
     source,
     word_pairs,
 )
@@ -46,7 +46,6 @@ __all__ = [
     "classification_batches",
     "classification_dataset",
     "classification_task",
-    "data_dir",
     "documents",
     "feature_batches",
     "host_shard",
@@ -55,6 +54,7 @@ __all__ = [
     "local_builder",
     "packed_lm_dataset",
     "padded_batches",
+    "resolve_data_dir",
     "source",
     "squad_features",
     "subset_documents",

@@ -170,7 +170,9 @@ def packed_lm_dataset(
         dataset = dataset.shuffle(seed=seed)
     dataset = dataset.repeat(num_epochs).batch(batch_size, drop_remainder=True)
     with_token_types = _is_encoder_tokenizer(tokenizer)
-    return dataset.map(lambda ids: _block_batch(ids, with_token_types)).to_iter_dataset()
+    batches = dataset.map(lambda ids: _block_batch(ids, with_token_types))
+    # Blocks are tokenised up front, so reading is a cheap in-memory gather: no thread pool.
+    return batches.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
 
 
 def subset_documents(documents: Sequence[str], fraction: float, seed: int) -> list[str]:

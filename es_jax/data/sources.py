@@ -33,7 +33,7 @@ CATALOGUE = (
 _CATALOGUE_MODULES = {"glue": "tensorflow_datasets.text.glue"}
 
 
-def data_dir(path: str | os.PathLike | None = None) -> Path:
+def resolve_data_dir(path: str | os.PathLike | None = None) -> Path:
     """The data dir: `path`, else `$ES_JAX_DATA_DIR`, else `~/tensorflow_datasets`."""
     if path is not None:
         return Path(path).expanduser()
@@ -66,13 +66,13 @@ def local_builder(name: str, data_dir_path: str | os.PathLike | None = None):
         raise ValueError(f"dataset {family!r} needs a config: use one of {choices}")
     if not configs and config:
         raise ValueError(f"dataset {family!r} has no configs; use {family!r}")
-    directory = data_dir(data_dir_path)
+    directory = resolve_data_dir(data_dir_path)
     kwargs = {"config": config} if config else {}
-    builder = builder_cls(data_dir=str(directory), file_format="array_record", **kwargs)
     with _build_lock(directory, name):
+        builder = builder_cls(data_dir=str(directory), file_format="array_record", **kwargs)
         if not builder.is_prepared():
             builder.download_and_prepare()
-    return builder_cls(data_dir=str(directory), file_format="array_record", **kwargs)
+    return builder
 
 
 def _catalogue_builder_module(name: str) -> None:
@@ -89,8 +89,7 @@ def source(
     if name.split("/")[0] in LOCAL_BUILDERS:
         return local_builder(name, data_dir).as_data_source(split=split)
     _catalogue_builder_module(name)
-    directory = None if data_dir is None else str(Path(data_dir).expanduser())
-    return tfds.data_source(name, split=split, data_dir=directory)
+    return tfds.data_source(name, split=split, data_dir=str(resolve_data_dir(data_dir)))
 
 
 def _text(value: str | bytes) -> str:

@@ -1,5 +1,7 @@
 """The offline tfds builders and the readers over them, plus catalogue names through mock data."""
 
+import concurrent.futures
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -81,11 +83,20 @@ def test_second_read_reuses_the_prepared_dataset(data_dir):
     assert len(list((data_dir / "es_lee_background").iterdir())) == 1
 
 
+def test_concurrent_readers_build_a_dataset_once(tmp_path):
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(lambda _: data.word_pairs("wordsim353", tmp_path), range(3)))
+    for pairs, human in results:
+        assert pairs == results[0][0]
+        np.testing.assert_array_equal(human, results[0][1])
+    assert [p.name for p in (tmp_path / "es_wordsim353").iterdir()] == ["1.0.0"]
+
+
 def test_data_dir_defaults_to_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("ES_JAX_DATA_DIR", str(tmp_path))
-    assert data.data_dir() == tmp_path
+    assert data.resolve_data_dir() == tmp_path
     monkeypatch.delenv("ES_JAX_DATA_DIR")
-    assert data.data_dir().name == "tensorflow_datasets"
+    assert data.resolve_data_dir().name == "tensorflow_datasets"
 
 
 @pytest.mark.parametrize(
