@@ -43,29 +43,20 @@ def tokenize_padded(
     if rows > batch_size:
         raise ValueError(f"{rows} texts do not fit a batch of {batch_size}")
     if rows and isinstance(texts[0], tuple):
-        first, second = [t[0] for t in texts], [t[1] for t in texts]
-        encoded = tokenizer(
-            first,
-            second,
-            padding="max_length",
-            truncation=True,
-            max_length=max_len,
-            return_tensors="np",
-        )
+        segments = ([t[0] for t in texts], [t[1] for t in texts])
     else:
-        encoded = tokenizer(
-            list(texts),
-            padding="max_length",
-            truncation=True,
-            max_length=max_len,
-            return_tensors="np",
-        )
+        segments = (list(texts),)
+    # Pad by hand: causal-LM tokenizers often have no pad token.
+    encoded = tokenizer(*segments, truncation=True, max_length=max_len)
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id or 0
     batch = {}
     for key in ("input_ids", "attention_mask", "token_type_ids"):
         if key in encoded:
-            fill = tokenizer.pad_token_id if key == "input_ids" else 0
-            padded = np.full((batch_size, max_len), fill or 0, dtype=np.int32)
-            padded[:rows] = encoded[key]
+            padded = np.full((batch_size, max_len), pad_id if key == "input_ids" else 0, np.int32)
+            for row, values in enumerate(encoded[key]):
+                padded[row, : len(values)] = values
             batch[key] = padded
     batch["weights"] = (np.arange(batch_size) < rows).astype(np.float32)
     return batch

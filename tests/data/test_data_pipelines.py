@@ -61,6 +61,17 @@ def test_padded_batches_of_pairs_mark_the_second_segment(bert_tokenizer):
     np.testing.assert_array_equal(batch["weights"], [1, 1, 0, 0])
 
 
+def test_padded_batches_work_without_a_pad_token(causal_tokenizer):
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=causal_tokenizer.backend_tokenizer, eos_token="</s>", unk_token="<unk>"
+    )
+    assert tokenizer.pad_token_id is None
+    (batch,) = pipelines.padded_batches(["document 1", "document 2 word2x0"], tokenizer, 6, 3)
+    assert set(batch) == {"input_ids", "attention_mask", "weights"}
+    np.testing.assert_array_equal(batch["attention_mask"].sum(axis=1), [2, 3, 0])
+    assert (batch["input_ids"][0, 2:] == tokenizer.eos_token_id).all()
+
+
 def test_packed_blocks_hold_the_token_stream_in_order(bert_tokenizer):
     blocks = pipelines.token_blocks(DOCUMENTS, bert_tokenizer, seq_len=16)
     assert (blocks[:, 0] == bert_tokenizer.cls_token_id).all()
