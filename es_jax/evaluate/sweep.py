@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
+import functools
 import hashlib
 import importlib.util
 import json
@@ -571,13 +572,28 @@ def scores_of(
     return pruning.wanda(params, norms, where=where)
 
 
-def masks_of(scores: Any, pattern: Pattern, sparsities: Sequence[float]) -> list[Any]:
-    """One mask per sparsity: nested unstructured masks from one selection, or one N:M mask."""
+@functools.cache
+def jitted_masks() -> tuple[Any, Any]:
+    """`pruning.unstructured` and `pruning.n_of_m` jitted with their levels static.
+
+    One compiled selection per (pattern, tuple of levels, shapes): every scorer of a model reuses
+    it, and it is much faster than running the selection op by op.
+    """
     from es_jax import pruning
 
+    unstructured = jax.jit(pruning.unstructured, static_argnames=("sparsity", "scope"))
+    n_of_m = jax.jit(pruning.n_of_m, static_argnames=("n", "m", "axis"))
+    return unstructured, n_of_m
+
+
+def masks_of(scores: Any, pattern: Pattern, sparsities: Sequence[float]) -> list[Any]:
+    """One mask per sparsity: nested unstructured masks from one selection, or one N:M mask."""
+    unstructured, n_of_m = jitted_masks()
+    if not sparsities:
+        return []
     if pattern.is_n_of_m:
-        return [pruning.n_of_m(scores, n=pattern.n, m=pattern.m)]
-    return pruning.unstructured(scores, list(sparsities), scope=pattern.name)
+        return [n_of_m(scores, n=pattern.n, m=pattern.m)]
+    return unstructured(scores, sparsity=tuple(sparsities), scope=pattern.name)
 
 
 def pattern_levels(pattern: Pattern, grid: Sequence[float]) -> list[float]:
@@ -752,6 +768,12 @@ def open_records(
     return records
 
 
+def plot_level(config: Any) -> float:
+    """The grid level nearest to `plot_sparsity` (above 0), whose mask the mask plots show."""
+    levels = [s for s in config.grid if s > 0.0] or [config.plot_sparsity]
+    return min(levels, key=lambda s: abs(s - config.plot_sparsity))
+
+
 def sweep_model(
     key: str, settings: Any, config: Any, store: ResultsStore, bar: tqdm, workdir: Path
 ) -> None:
@@ -763,6 +785,7 @@ def sweep_model(
     dense_sparsity = measured(prepared.params, prepared.where)
     dense = dense_values(prepared, settings, store, stamp, bar)
     apply = jax.jit(pruning.apply)
+    plot_scorer, plotted = settings.scorers[0], False
     for scorer in settings.scorers:
         bar.set_description(f"{key} {scorer} scores")
         scores = scores_of(
@@ -774,8 +797,6 @@ def sweep_model(
             config,
             settings,
         )
-        if scorer == settings.scorers[0]:
-            plot_masks(prepared, scores, scorer, config, workdir)
         for pattern_text in settings.patterns:
             pattern = parse_pattern(pattern_text)
             records = open_records(
@@ -783,11 +804,21 @@ def sweep_model(
             )
             context = LevelContext(prepared, records, store, bar, apply, f"{pattern_text}/{scorer}")
             todo = missing_levels(records, pattern_levels(pattern, config.grid))
-            evaluate_levels(context, masks_of(scores, pattern, list(todo)), todo)
+            masks = masks_of(scores, pattern, list(todo))
+            if scorer == plot_scorer and pattern.name == "global" and plot_level(config) in todo:
+                plot_masks(
+                    prepared, masks[list(todo).index(plot_level(config))], scorer, config, workdir
+                )
+                plotted = True
+            evaluate_levels(context, masks, todo)
+            del masks
             refine = {s: [] for r in records.values() for s in refinement_of(r, pattern, config)}
             todo = missing_levels(records, sorted(refine))
             bar.total += sum(len(names) for names in todo.values())
             evaluate_levels(context, masks_of(scores, pattern, list(todo)), todo)
+        if scorer == plot_scorer and not plotted:
+            (mask,) = masks_of(scores, Pattern("global"), [plot_level(config)])
+            plot_masks(prepared, mask, scorer, config, workdir)
         del scores
     for name, evaluator in prepared.evaluators.items():
         store.compilations[f"{key}/{name}"] = evaluator.compilations()
@@ -805,16 +836,17 @@ def missing_levels(records: dict[str, dict], sparsities: Sequence[float]) -> dic
 
 
 def plot_masks(
-    prepared: ModelRun, scores: Any, scorer: str, config: Any, workdir: Path
+    prepared: ModelRun, mask: Any, scorer: str, config: Any, workdir: Path
 ) -> list[Path]:
-    """Per-layer sparsity and the component view of this model's global mask at plot_sparsity."""
+    """Per-layer sparsity and the component view (paper's Figure 1) of one global mask."""
     from es_jax import pruning
     from es_jax.analysis import plots
 
-    mask = pruning.unstructured(scores, config.plot_sparsity)
     report = pruning.report(pruning.apply(prepared.params, mask), where=prepared.where)
-    leaf_sparsity = {path: float(leaf["sparsity"]) for path, leaf in report["leaves"].items()}
-    title = f"{prepared.key}: global {scorer} mask at {100 * config.plot_sparsity:g}% sparsity"
+    leaf_sparsity = {
+        path: float(leaf["sparsity"]) for path, leaf in report["leaves"].items() if leaf["target"]
+    }
+    title = f"{prepared.key}: global {scorer} mask at {100 * plot_level(config):g}% sparsity"
     component_masks = {
         path: np.asarray(leaf)
         for path, leaf in zip(pruning.leaf_paths(mask), jax.tree.leaves(mask), strict=True)

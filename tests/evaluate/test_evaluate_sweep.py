@@ -181,3 +181,134 @@ def test_write_atomically_leaves_no_temporary_files(tmp_path):
     sweep.write_atomically(target, '{"a": 1}')
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, data_dir):
+    """A tiny sweep run once for the module: (config, workdir, results)."""
+    workdir = tmp_path_factory.mktemp("sweep")
+    config = tiny_config(data_dir)
+    return config, workdir, sweep.run(config, workdir, progress=False)
+
+
+def test_results_follow_the_schema(finished):
+    config, workdir, _ = finished
+    runs = json.loads((workdir / "results.json").read_text())["runs"]
+    keys = {(r["model"], r["task"], r["pattern"], r["scorer"]) for r in runs}
+    assert keys == {
+        ("bert", t, p, s)
+        for t in ("lee", "wordsim353")
+        for p in ("global", "2:4")
+        for s in ("magnitude", "random")
+    } | {("llama", "wikitext", "global", s) for s in ("magnitude", "wanda")}
+    for run in runs:
+        for field in ("metric", "higher_is_better", "dense", "essential_sparsity", "epsilon"):
+            assert field in run
+        sparsities = [level["sparsity"] for level in run["levels"]]
+        expected = [0.0, 0.5] if run["pattern"] == "2:4" else list(config.grid)
+        assert sparsities == expected
+        for level in run["levels"]:
+            assert set(level) >= {
+                "sparsity",
+                "measured_sparsity",
+                "model_sparsity",
+                "value",
+                "drop",
+            }
+            assert level["measured_sparsity"] == pytest.approx(level["sparsity"], abs=1e-3)
+            assert level["model_sparsity"] < level["measured_sparsity"] or level["sparsity"] == 0
+        assert run["levels"][0]["value"] == run["dense"]
+
+
+def test_wikitext_is_perplexity_with_a_relative_epsilon(finished):
+    _, _, results = finished
+    run = next(r for r in results["runs"] if r["task"] == "wikitext")
+    assert run["metric"] == "perplexity"
+    assert not run["higher_is_better"]
+    assert run["epsilon"] == {"value": 0.01, "relative": True}
+    assert run["dense"] > 1.0
+
+
+def test_each_evaluator_compiles_once_for_all_levels(finished):
+    _, _, results = finished
+    assert results["compilations"] == {"bert/lee": 1, "bert/wordsim353": 1, "llama/wikitext": 1}
+
+
+def test_csv_and_plots_are_written(finished):
+    _, workdir, results = finished
+    rows = (workdir / "results.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + sum(len(r["levels"]) for r in results["runs"])
+    for name in ("drops.png", "layers_bert.png", "components_bert.png", "layers_llama.png"):
+        assert (workdir / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_finished_sweep_is_not_redone(finished, monkeypatch):
+    config, workdir, results = finished
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished sweep must not load any model")
+
+    monkeypatch.setattr(sweep, "prepare", fail)
+    again = sweep.run(config, workdir, progress=False)
+    assert again["runs"] == results["runs"]
+
+
+def test_a_crashed_sweep_resumes_where_it_stopped(tmp_path, data_dir, monkeypatch):
+    config = tiny_config(data_dir)
+    config.models = ml_collections.ConfigDict({"bert": config.models.bert})
+    config.models.bert.tasks = ("wordsim353",)
+    config.models.bert.scorers = ("magnitude",)
+    config.models.bert.patterns = ("global",)
+    calls = []
+    original = sweep.Evaluator.__call__
+
+    def crash_on_fourth(self, params):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("simulated crash")
+        return original(self, params)
+
+    monkeypatch.setattr(sweep.Evaluator, "__call__", crash_on_fourth)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        sweep.run(config, tmp_path, progress=False)
+    saved = json.loads((tmp_path / "results.json").read_text())["runs"][0]["levels"]
+    assert [level["sparsity"] for level in saved] == [0.0, 0.3, 0.6]  # dense + 2 levels
+    calls.clear()
+    monkeypatch.setattr(sweep.Evaluator, "__call__", original)
+    counted = []
+    monkeypatch.setattr(
+        sweep.Evaluator, "__call__", lambda self, p: counted.append(1) or original(self, p)
+    )
+    results = sweep.run(config, tmp_path, progress=False)
+    assert len(counted) == 1  # only the level at 0.9; dense was stored too
+    levels = results["runs"][0]["levels"]
+    assert [level["sparsity"] for level in levels] == [0.0, 0.3, 0.6, 0.9]
+    assert levels[1]["value"] == saved[1]["value"]
+
+
+def test_refinement_levels_lie_between_essential_and_the_next_grid_level():
+    config = sweep.default_config()
+    config.refine = 3
+    record = {
+        "metric": "accuracy",
+        "higher_is_better": True,
+        "dense": 80.0,
+        "levels": [{"sparsity": s, "value": 80.0 - 10 * s**3} for s in config.grid],
+    }
+    # drops 0.0, 0.01, 0.08, 0.27, 0.64, 1.25: essential 0.4
+    levels = sweep.refinement_of(record, sweep.parse_pattern("global"), config)
+    np.testing.assert_allclose(levels, [0.425, 0.45, 0.475])
+    assert sweep.refinement_of(record, sweep.parse_pattern("2:4"), config) == []
+
+
+def test_refinement_levels_are_evaluated_and_resumed(tmp_path, data_dir, monkeypatch):
+    config = tiny_config(data_dir)
+    config.models = ml_collections.ConfigDict({"bert": config.models.bert})
+    config.models.bert.tasks = ("wordsim353",)
+    config.models.bert.scorers = ("magnitude",)
+    config.models.bert.patterns = ("global",)
+    config.refine = 2
+    monkeypatch.setattr(sweep, "refinement_of", lambda record, pattern, config: [0.4, 0.5])
+    run = sweep.run(config, tmp_path, progress=False)["runs"][0]
+    assert [lv["sparsity"] for lv in run["levels"]] == [0.0, 0.3, 0.4, 0.5, 0.6, 0.9]
+    assert run["levels"][3]["measured_sparsity"] == pytest.approx(0.5, abs=1e-3)
