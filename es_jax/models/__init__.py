@@ -6,7 +6,7 @@
     models.activation_norms(model, batches)      # {kernel path: (in,) input L2 norms}
 """
 
-from es_jax.models import bert, layers, vit
+from es_jax.models import bert, layers, llama, opt, vit
 from es_jax.models.activations import activation_norms
 from es_jax.models.hub import FAMILIES, REGISTRY, export, from_hf, load, prunable
 
@@ -18,7 +18,9 @@ __all__ = [
     "export",
     "from_hf",
     "layers",
+    "llama",
     "load",
+    "opt",
     "prunable",
     "vit",
 ]

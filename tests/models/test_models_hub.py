@@ -197,3 +197,35 @@ def test_prunable_and_dtype_options(tiny_folder):
     assert model(IDS, MASK).dtype == jnp.bfloat16
     with pytest.raises(ValueError, match="not an es_jax model"):
         models.prunable(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+
+
+def test_gguf_paths_go_through_the_gguf_reader(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    hf_config = dict(
+        model_type="llama",
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config)).eval()
+    tensors = {k: v.numpy() for k, v in theirs.state_dict().items() if k != "lm_head.weight"}
+    marker = object()
+    monkeypatch.setattr(hub.gguf, "read_gguf", lambda path: (hf_config, tensors, marker))
+    (tmp_path / "tiny.gguf").write_bytes(b"GGUF")
+    model, tokenizer = models.load(tmp_path / "tiny.gguf")
+    assert tokenizer is marker
+    assert models.prunable(model) == models.llama.PRUNABLE
+    with torch.no_grad():
+        expected = theirs(**_torch_inputs()).logits.numpy()
+    valid = np.asarray(MASK, bool)
+    np.testing.assert_allclose(np.asarray(model(IDS, MASK))[valid], expected[valid], atol=1e-4)
+
+
+def test_bundled_smollm2_name_is_the_packaged_gguf_file():
+    location = hub.resolve("smollm2", None)
+    assert location.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert location.is_file()
