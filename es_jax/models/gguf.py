@@ -95,9 +95,10 @@ def check_quantization_types(reader: gguf.GGUFReader) -> None:
     for tensor in reader.tensors:
         if tensor.tensor_type in probed:
             continue
+        first_row = tensor.data[:1] if tensor.data.ndim > 1 else tensor.data
         try:
-            dequantize(tensor.data[:1], tensor.tensor_type)
-        except (NotImplementedError, ValueError) as error:
+            dequantize(first_row, tensor.tensor_type)
+        except NotImplementedError as error:
             raise ValueError(
                 f"GGUF tensor {tensor.name!r} has quantisation type {tensor.tensor_type.name}, "
                 "which the gguf package cannot dequantise; re-export the model with a "
