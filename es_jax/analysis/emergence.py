@@ -1,0 +1,432 @@
+"""Emergence of sparsity across a pre-training run's checkpoints (the paper's section 5, Fig. 8(i)).
+
+`es-jax emergence --workdir DIR` streams over the checkpoints of one run (DIR holds `checkpoints/`)
+or of several runs (DIR's sub-directories, e.g. one per data volume), holding one checkpoint's
+parameters and two sets of masks at a time, whatever the number of checkpoints. Per step it records
+over the target set and the whole model: exact zeros; the fraction of |w| below absolute thresholds
+and below multiples of each matrix's std; per-layer and per-component breakdowns; and the OMP masks
+at a few sparsities with their overlap (IoU, cosine, chance) with the previous and the final
+checkpoint's masks. It then locates the abrupt transition of each near-zero curve and writes
+`emergence.json` (a list `steps`) and PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from es_jax import pruning
+
+THRESHOLDS = (1e-4, 1e-3, 1e-2)
+RELATIVE_THRESHOLDS = (0.01, 0.05, 0.1)
+SPARSITIES = (0.2, 0.5, 0.8)
+RESULTS_FILE = "emergence.json"
+_LAYER = re.compile(r"(?:^|/)layers/(\d+)/")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    """Where a pre-training run keeps its checkpoints."""
+    from es_jax.train.checkpointing import CHECKPOINT_DIR
+
+    return Path(run_dir) / CHECKPOINT_DIR
+
+
+def find_runs(workdir: str | Path) -> list[Path]:
+    """The run directories under `workdir`: itself if it holds checkpoints, else its children."""
+    workdir = Path(workdir)
+    if checkpoint_dir(workdir).is_dir():
+        return [workdir]
+    children = sorted(workdir.iterdir()) if workdir.is_dir() else []
+    runs = [p for p in children if checkpoint_dir(p).is_dir()]
+    if not runs:
+        raise ValueError(
+            f"{workdir} holds no checkpoints/ directory, nor do its sub-directories; point "
+            "--workdir at a pre-training run (or at a folder of runs)."
+        )
+    return runs
+
+
+def open_run(run_dir: Path):
+    """A read-only Orbax manager over a run's checkpoints."""
+    import orbax.checkpoint as ocp
+
+    return ocp.CheckpointManager(
+        checkpoint_dir(run_dir).absolute(),
+        options=ocp.CheckpointManagerOptions(read_only=True),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+    )
+
+
+def read_params(manager, step: int) -> dict[str, Any]:
+    """One checkpoint's parameters (only), as host numpy arrays."""
+    import orbax.checkpoint as ocp
+
+    tree = manager.item_metadata(step)["state"]
+    params_tree = {"params": (tree.tree if hasattr(tree, "tree") else tree)["params"]}
+    restore_args = {"params": _numpy_restore_args(params_tree["params"])}
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item=params_tree, restore_args=restore_args, partial_restore=True
+            )
+        ),
+    )
+    return restored["state"]["params"]
+
+
+def _numpy_restore_args(tree: Any) -> Any:
+    """Restore arguments that read every array of `tree` into host memory."""
+    import orbax.checkpoint as ocp
+
+    return jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+
+
+def run_label(run_dir: Path) -> str:
+    """A run's name for plots: its data volume when its config says, else its directory name."""
+    config_file = Path(run_dir) / "config.json"
+    if config_file.exists():
+        fraction = json.loads(config_file.read_text()).get("data", {}).get("fraction")
+        if fraction is not None:
+            return f"{Path(run_dir).name} (data {float(fraction):.0%})"
+    return Path(run_dir).name
+
+
+# ----------------------------------------------------------------------------- per step
+
+
+def component_of(path: str) -> str:
+    """The component a matrix belongs to, from its path: `.../layers/3/attention/query/kernel`
+    gives `attention/query`; a path without a layer index is its own component."""
+    match = _LAYER.search(path)
+    rest = path[match.end():] if match else path
+    return rest.removesuffix("/kernel")
+
+
+def layer_of(path: str) -> str:
+    """The layer index in a path (as a string), or "other"."""
+    match = _LAYER.search(path)
+    return match.group(1) if match else "other"
+
+
+def grouped(per_leaf: dict[str, list[float]], sizes: dict[str, int],
+            group: Callable[[str], str]) -> dict[str, list[float]]:
+    """Size-weighted fractions of the leaves that fall in each group."""
+    totals: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for path, fractions in per_leaf.items():
+        key = group(path)
+        totals[key] = totals.get(key, 0.0) + np.asarray(fractions) * sizes[path]
+        counts[key] = counts.get(key, 0) + sizes[path]
+    return {key: (totals[key] / counts[key]).tolist() for key in sorted(totals, key=_natural)}
+
+
+def _natural(key: str) -> tuple:
+    """Sort key that puts "10" after "9"."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key))
+
+
+def omp_masks(params: Any, where: str, sparsities: Sequence[float]) -> list[Any]:
+    """Nested global magnitude (OMP) masks of the target set at each sparsity."""
+    return pruning.unstructured(pruning.magnitude(params, where=where), list(sparsities))
+
+
+def target_sizes(params: Any, where: str) -> dict[str, int]:
+    """Number of weights in each target leaf, by path."""
+    selected = pruning.select(where)
+    return {
+        path: int(np.size(leaf))
+        for path, leaf in zip(pruning.leaf_paths(params), jax.tree.leaves(params), strict=True)
+        if selected(path, leaf)
+    }
+
+
+def weight_figures(
+    params: Any, where: str, thresholds: Sequence[float], relative_thresholds: Sequence[float]
+) -> dict[str, Any]:
+    """Exact-zero and near-zero fractions over the target set, the model and each target leaf.
+
+    Jit-able: one compile serves every checkpoint of a run.
+    """
+    zeros = pruning.report(params, where=where)
+    absolute = pruning.near_zero(params, list(thresholds), where=where)
+    relative = pruning.near_zero(params, list(relative_thresholds), where=where, relative=True)
+
+    def numbers(near: dict[str, Any]) -> dict[str, Any]:
+        return {k: near[k] for k in ("target", "model", "leaves")}
+
+    return {
+        "exact_zeros": {
+            "target": zeros["target"]["sparsity"],
+            "model": zeros["model"]["sparsity"],
+            "leaves": {p: [zeros["leaves"][p]["sparsity"]] for p in absolute["leaves"]},
+        },
+        "near_zero": numbers(absolute),
+        "near_zero_relative": numbers(relative),
+    }
+
+
+def overlaps(masks: list[Any], references: list[Any]) -> list[dict[str, float]]:
+    """IoU and cosine of each mask with its reference, and their chance values."""
+    keys = ("iou", "cosine", "chance_iou", "chance_cosine")
+    return [
+        {k: float(v) for k, v in pruning.similarity(mask, reference).items() if k in keys}
+        for mask, reference in zip(masks, references, strict=True)
+    ]
+
+
+def step_record(step: int, figures: dict[str, Any], sizes: dict[str, int],
+                sparsities: Sequence[float], previous: list | None, final: list) -> dict[str, Any]:
+    """One checkpoint's JSON record from its figures, with per-component and per-layer totals."""
+
+    def breakdown(group: Callable[[str], str]) -> dict[str, dict[str, list[float]]]:
+        parts = {kind: grouped(figures[kind]["leaves"], sizes, group)
+                 for kind in ("exact_zeros", "near_zero", "near_zero_relative")}
+        return {name: {kind: values[name] for kind, values in parts.items()}
+                for name in parts["near_zero"]}
+
+    return {
+        "step": step,
+        **{kind: {"target": figures[kind]["target"], "model": figures[kind]["model"]}
+           for kind in ("exact_zeros", "near_zero", "near_zero_relative")},
+        "components": breakdown(component_of),
+        "layers": breakdown(layer_of),
+        "masks": [
+            {"sparsity": sparsity, "previous": None if previous is None else previous[i],
+             "final": final[i]}
+            for i, sparsity in enumerate(sparsities)
+        ],
+    }
+
+
+def _to_python(tree: Any) -> Any:
+    """Device scalars and lists of them as Python floats."""
+    return jax.tree.map(lambda x: float(x) if np.ndim(x) == 0 else x, jax.device_get(tree))
+
+
+# ----------------------------------------------------------------------------- transitions
+
+
+def largest_jump(steps: Sequence[int], values: Sequence[float]) -> dict[str, float] | None:
+    """The biggest rise of a curve between two consecutive checkpoints."""
+    if len(steps) < 2:
+        return None
+    rises = np.diff(np.asarray(values, np.float64))
+    i = int(np.argmax(rises))
+    return {"from_step": int(steps[i]), "to_step": int(steps[i + 1]), "rise": float(rises[i])}
+
+
+def change_point(steps: Sequence[int], values: Sequence[float]) -> dict[str, float] | None:
+    """The step where a continuous two-piece linear fit of the curve bends (least squares)."""
+    x, y = np.asarray(steps, np.float64), np.asarray(values, np.float64)
+    if len(x) < 4:
+        return None
+    best = None
+    for knot in x[1:-1]:
+        design = np.stack([np.ones_like(x), x, np.maximum(x - knot, 0.0)], axis=1)
+        coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+        error = float(np.sum((design @ coef - y) ** 2))
+        if best is None or error < best[0]:
+            best = (error, knot, coef)
+    error, knot, coef = best
+    return {
+        "step": int(knot),
+        "slope_before": float(coef[1]),
+        "slope_after": float(coef[1] + coef[2]),
+        "residual": error,
+    }
+
+
+def transitions(records: list[dict[str, Any]], thresholds: Sequence[float],
+                relative_thresholds: Sequence[float]) -> dict[str, Any]:
+    """Largest jump and change point of every near-zero curve over the target set."""
+    steps = [r["step"] for r in records]
+    found = {}
+    for kind, levels in (("near_zero", thresholds), ("near_zero_relative", relative_thresholds)):
+        for i, threshold in enumerate(levels):
+            curve = [r[kind]["target"][i] for r in records]
+            found[f"{kind}@{threshold:g}"] = {
+                "largest_jump": largest_jump(steps, curve),
+                "change_point": change_point(steps, curve),
+            }
+    return found
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def settings(where: str, thresholds: Sequence[float], relative_thresholds: Sequence[float],
+             sparsities: Sequence[float]) -> dict[str, Any]:
+    """The analysis settings, stored with the results so a re-run can reuse them."""
+    return {
+        "where": where,
+        "thresholds": list(thresholds),
+        "relative_thresholds": list(relative_thresholds),
+        "sparsities": list(sparsities),
+    }
+
+
+def analyse_run(
+    run_dir: str | Path,
+    where: str | None = None,
+    thresholds: Sequence[float] = THRESHOLDS,
+    relative_thresholds: Sequence[float] = RELATIVE_THRESHOLDS,
+    sparsities: Sequence[float] = SPARSITIES,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Figures for every checkpoint of one run; reuses its emergence.json if nothing changed."""
+    from es_jax.models import bert
+
+    run_dir = Path(run_dir)
+    where = bert.PRUNABLE if where is None else where
+    manager = open_run(run_dir)
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise ValueError(f"{checkpoint_dir(run_dir)} holds no complete checkpoint yet.")
+    wanted = settings(where, thresholds, relative_thresholds, sparsities)
+    cached = _cached(run_dir, steps, wanted)
+    if cached is not None:
+        return cached
+    masks_of = jax.jit(partial(omp_masks, where=where, sparsities=sparsities))
+    figures_of = jax.jit(partial(weight_figures, where=where, thresholds=thresholds,
+                                 relative_thresholds=relative_thresholds))
+    last = read_params(manager, steps[-1])
+    final_masks = jax.device_get(masks_of(last))
+    sizes = target_sizes(last, where)
+    del last
+    records, previous_masks = [], None
+    for step in _maybe_progress(steps, progress, run_dir.name):
+        params = read_params(manager, step)
+        masks = jax.device_get(masks_of(params))
+        figures = _to_python(figures_of(params))
+        previous = None if previous_masks is None else overlaps(masks, previous_masks)
+        records.append(step_record(step, figures, sizes, sparsities, previous,
+                                   overlaps(masks, final_masks)))
+        previous_masks, params = masks, None
+    result = {
+        "run": str(run_dir),
+        "label": run_label(run_dir),
+        "settings": wanted,
+        "steps": records,
+        "transitions": transitions(records, thresholds, relative_thresholds),
+    }
+    (run_dir / RESULTS_FILE).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _cached(run_dir: Path, steps: list[int], wanted: dict[str, Any]) -> dict[str, Any] | None:
+    """The stored analysis of a run if it covers exactly these checkpoints and settings."""
+    path = run_dir / RESULTS_FILE
+    if not path.exists():
+        return None
+    stored = json.loads(path.read_text())
+    if stored.get("settings") != wanted or [r["step"] for r in stored["steps"]] != steps:
+        return None
+    return stored
+
+
+def _maybe_progress(steps: list[int], enabled: bool, name: str):
+    """The steps, wrapped in a progress bar when asked."""
+    if not enabled:
+        return steps
+    from tqdm.auto import tqdm
+
+    return tqdm(steps, desc=f"emergence {name}", unit="ckpt")
+
+
+def compare_runs(results: list[dict[str, Any]], headline: str) -> list[dict[str, Any]]:
+    """One row per run: final near-zero fraction and where its headline curve jumps and bends."""
+    rows = []
+    for result in results:
+        found = result["transitions"][headline]
+        kind, _, threshold = headline.partition("@")
+        levels = result["settings"]["thresholds" if kind == "near_zero" else "relative_thresholds"]
+        index = [f"{t:g}" for t in levels].index(threshold)
+        rows.append({
+            "run": result["label"],
+            "final_step": result["steps"][-1]["step"],
+            "final_near_zero": result["steps"][-1][kind]["target"][index],
+            "largest_jump": found["largest_jump"],
+            "change_point": found["change_point"],
+        })
+    return rows
+
+
+def emergence(
+    workdir: str | Path,
+    where: str | None = None,
+    thresholds: Sequence[float] = THRESHOLDS,
+    relative_thresholds: Sequence[float] = RELATIVE_THRESHOLDS,
+    sparsities: Sequence[float] = SPARSITIES,
+    headline: str | None = None,
+    plots: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Analyses one run or a folder of runs, writes emergence.json and plots into `workdir`."""
+    workdir = Path(workdir)
+    runs = find_runs(workdir)
+    results = [
+        analyse_run(run, where, thresholds, relative_thresholds, sparsities, progress)
+        for run in runs
+    ]
+    headline = headline or f"near_zero@{thresholds[len(thresholds) // 2]:g}"
+    if headline not in results[0]["transitions"]:
+        raise ValueError(
+            f"headline {headline!r} is none of the curves {sorted(results[0]['transitions'])}."
+        )
+    report = results[0] if runs == [workdir] else {"runs": results}
+    report = {**report, "headline": headline, "comparison": compare_runs(results, headline)}
+    (workdir / RESULTS_FILE).write_text(json.dumps(report, indent=1))
+    if plots:
+        from es_jax.analysis import emergence_plots
+
+        emergence_plots.plot_all(results, headline, workdir)
+    return report
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str]) -> None:
+    """`es-jax emergence --workdir DIR [--where REGEX] [--thresholds ...] [--sparsities ...]`."""
+    from absl import flags
+
+    flag_values = flags.FlagValues()
+    flags.DEFINE_string("workdir", None, "A run directory, or a folder of runs.",
+                        flag_values=flag_values)
+    flags.DEFINE_string("where", None, "Target-set regex (default: BERT's PRUNABLE).",
+                        flag_values=flag_values)
+    flags.DEFINE_list("thresholds", [f"{t:g}" for t in THRESHOLDS], "Absolute |w| thresholds.",
+                      flag_values=flag_values)
+    flags.DEFINE_list("relative_thresholds", [f"{t:g}" for t in RELATIVE_THRESHOLDS],
+                      "Thresholds as multiples of each matrix's std.", flag_values=flag_values)
+    flags.DEFINE_list("sparsities", [f"{s:g}" for s in SPARSITIES], "OMP mask sparsities.",
+                      flag_values=flag_values)
+    flags.DEFINE_string("headline", None, "Curve for the comparison, e.g. near_zero@0.001.",
+                        flag_values=flag_values)
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(main.__doc__)
+        return
+    flag_values(["es-jax emergence", *argv])
+    if flag_values.workdir is None:
+        raise ValueError("es-jax emergence needs --workdir DIR.")
+    report = emergence(
+        flag_values.workdir,
+        where=flag_values.where,
+        thresholds=[float(t) for t in flag_values.thresholds],
+        relative_thresholds=[float(t) for t in flag_values.relative_thresholds],
+        sparsities=[float(s) for s in flag_values.sparsities],
+        headline=flag_values.headline,
+        progress=True,
+    )
+    print(json.dumps(report["comparison"], indent=1))

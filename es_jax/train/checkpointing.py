@@ -1,0 +1,193 @@
+"""Orbax checkpoints of a training run: save schedule, exact resume, corrupt-step skipping.
+
+A step's checkpoint holds the train state pytree (parameters, optimizer state, step, RNG key data)
+and the grain iterator state of every host, so a run restored from it continues exactly as if it had
+never stopped. A checkpoint that cannot be read is moved aside with a warning naming it, and the run
+resumes from the one before it. The run's config is stored beside the checkpoints, and a different
+config pointed at the same directory is refused unless forced.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from grain import checkpoint as grain_checkpoint
+
+CHECKPOINT_DIR = "checkpoints"
+CORRUPT_DIR = "corrupt_checkpoints"
+CONFIG_FILE = "config.json"
+
+
+class IteratorStateSnapshot:
+    """A grain iterator's state frozen at save time, in the shape grain's Orbax handler expects."""
+
+    def __init__(self, state: dict[str, Any] | None = None):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        """The frozen state as JSON bytes."""
+        return json.dumps(self.state).encode()
+
+    def set_state(self, state: bytes) -> None:
+        """Receives the state read back from a checkpoint."""
+        self.state = json.loads(state)
+
+    def start_prefetch(self) -> None:
+        """Nothing to prefetch: this object only carries the state."""
+
+
+def checkpoint_steps(total_steps: int, every: int, log_spaced: int = 0) -> list[int]:
+    """Steps to save: 0, every multiple of `every`, `total_steps`, and `log_spaced` early steps."""
+    if every <= 0 or total_steps <= 0:
+        raise ValueError(
+            f"checkpoint_every ({every}) and total_steps ({total_steps}) must both be positive."
+        )
+    steps = {0, total_steps, *range(every, total_steps + 1, every)}
+    if log_spaced > 0:
+        early = np.geomspace(1, min(every, total_steps), num=log_spaced)
+        steps |= {round(float(s)) for s in early}
+    return sorted(steps)
+
+
+def open_manager(directory: str | Path, async_save: bool = True) -> ocp.CheckpointManager:
+    """A manager that keeps every checkpoint and saves in the background."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=None,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+        create=True,
+    )
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+
+def save(
+    manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict[str, Any] | None
+) -> None:
+    """Starts saving the train state and this host's data-iterator state at `step`."""
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain_checkpoint.CheckpointSave(IteratorStateSnapshot(data_state)),
+        ),
+        force=True,
+    )
+
+
+def _restore_step(
+    manager: ocp.CheckpointManager, step: int, abstract_state: Any
+) -> tuple[Any, dict[str, Any]]:
+    """Reads one step's train state and data-iterator state."""
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=grain_checkpoint.CheckpointRestore(IteratorStateSnapshot()),
+        ),
+    )
+    return restored["state"], restored["data"].state
+
+
+def quarantine(manager: ocp.CheckpointManager, step: int, reason: str) -> Path:
+    """Moves an unreadable step out of the checkpoint directory, warning with its name."""
+    source = Path(manager.directory) / str(step)
+    target_dir = Path(manager.directory).parent / CORRUPT_DIR
+    target = target_dir / str(step)
+    if jax.process_index() == 0:
+        target_dir.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.move(str(source), str(target))
+    warnings.warn(
+        f"Checkpoint {source} could not be read ({reason}); moved it to {target} and resuming "
+        "from the checkpoint before it.",
+        stacklevel=2,
+    )
+    return target
+
+
+def restore_latest(
+    manager: ocp.CheckpointManager, abstract_state: Any
+) -> tuple[int, Any, dict[str, Any]] | None:
+    """The newest readable checkpoint as (step, state, data state), or None if there is none."""
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            state, data_state = _restore_step(manager, step, abstract_state)
+        except Exception as error:
+            quarantine(manager, step, f"{type(error).__name__}: {str(error)[:200]}")
+            manager.reload()
+            continue
+        return step, state, data_state
+    return None
+
+
+def host_abstract(tree: Any) -> Any:
+    """Shape/dtype structs on the first local device, for reading a checkpoint anywhere."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), tree
+    )
+
+
+def read_state(
+    directory: str | Path, step: int, manager: ocp.CheckpointManager | None = None
+) -> Any:
+    """One step's train state as numpy arrays, whatever devices or sharding it was saved with."""
+    manager = manager or open_manager(directory, async_save=False)
+    metadata = manager.item_metadata(step)["state"]
+    tree = metadata.tree if hasattr(metadata, "tree") else metadata
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardRestore(host_abstract(tree))),
+    )
+    return jax.tree.map(np.asarray, restored["state"])
+
+
+def config_fingerprint(config: Any) -> dict[str, Any]:
+    """The config as plain JSON-able data, for storing and comparing."""
+    as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return json.loads(json.dumps(as_dict, sort_keys=True, default=str))
+
+
+def config_differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list:
+    """Dotted keys whose values differ between two config dicts."""
+    differences = []
+    for key in sorted(set(stored) | set(current)):
+        name = f"{prefix}{key}"
+        old, new = stored.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += config_differences(old, new, prefix=f"{name}.")
+        elif old != new:
+            differences.append(f"{name}: {old!r} -> {new!r}")
+    return differences
+
+
+def check_config(
+    workdir: str | Path, config: Any, force: bool, ignore: Iterable[str] = ("force",)
+) -> None:
+    """Stores the config in a new workdir; refuses a different one in an existing workdir."""
+    path = Path(workdir) / CONFIG_FILE
+    current = {k: v for k, v in config_fingerprint(config).items() if k not in set(ignore)}
+    if path.exists():
+        stored = {k: v for k, v in json.loads(path.read_text()).items() if k not in set(ignore)}
+        differences = config_differences(stored, current)
+        if differences and not force:
+            raise ValueError(
+                f"Workdir {workdir} holds a run with a different config ({path}):\n  "
+                + "\n  ".join(differences)
+                + "\nUse another --workdir, or pass --config.force=True to continue this run "
+                "with the new config."
+            )
+        if not differences:
+            return
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(current, indent=2, sort_keys=True))

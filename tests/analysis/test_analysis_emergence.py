@@ -1,0 +1,131 @@
+"""Emergence analysis over checkpoints: exact figures on constructed runs, transitions, reports."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from es_jax.analysis import emergence
+from es_jax.train import checkpointing
+
+LAYERS, HIDDEN, FFN = 2, 8, 16
+COMPONENTS = ("attention/query", "attention/key", "attention/value", "attention/out")
+STEPS = (0, 10, 20, 30)
+
+
+def bert_like_params(seed: int, tiny: dict[str, int]) -> dict:
+    """A BERT-shaped parameter tree with `tiny[path]` weights of each target set to 1e-5."""
+    rng = np.random.default_rng(seed)
+    layers = {}
+    for layer in range(LAYERS):
+        shapes = {f"attention/{n}": (HIDDEN, HIDDEN) for n in ("query", "key", "value", "out")}
+        shapes |= {"mlp/up": (HIDDEN, FFN), "mlp/down": (FFN, HIDDEN)}
+        block: dict = {"attention": {}, "mlp": {}}
+        for name, shape in shapes.items():
+            kernel = rng.uniform(0.1, 1.0, size=shape).astype(np.float32)
+            path = f"bert/encoder/layers/{layer}/{name}/kernel"
+            kernel.reshape(-1)[: tiny.get(path, 0)] = 1e-5
+            group, leaf = name.split("/")
+            block[group][leaf] = {"kernel": kernel, "bias": np.zeros(shape[1], np.float32)}
+        layers[str(layer)] = block
+    embeddings = {"word_embeddings": {"embedding": rng.normal(size=(32, HIDDEN))}}
+    return {"bert": {"embeddings": jax.tree.map(np.float32, embeddings),
+                     "encoder": {"layers": layers}}}
+
+
+def tiny_counts(step: int) -> dict[str, int]:
+    """How many near-zero weights each query kernel holds at `step` (a jump after step 10)."""
+    count = 2 if step <= 10 else 40
+    return {f"bert/encoder/layers/{i}/attention/query/kernel": count for i in range(LAYERS)}
+
+
+def write_run(run_dir, fraction: float) -> None:
+    """Checkpoints of a fake run in the pre-training layout, and its config.json."""
+    manager = checkpointing.open_manager(run_dir / checkpointing.CHECKPOINT_DIR, async_save=False)
+    for step in STEPS:
+        params = jax.tree.map(jnp.asarray, bert_like_params(step, tiny_counts(step)))
+        state = {"params": params, "step": jnp.asarray(step, jnp.int32)}
+        checkpointing.save(manager, step, state, {"position": step})
+    manager.close()
+    (run_dir / "config.json").write_text(json.dumps({"data": {"fraction": fraction}}))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A folder with two fake runs, analysed once."""
+    root = tmp_path_factory.mktemp("runs")
+    for name, fraction in (("data_100", 1.0), ("data_60", 0.6)):
+        (root / name).mkdir()
+        write_run(root / name, fraction)
+    report = emergence.emergence(root, thresholds=(1e-4, 1e-2), relative_thresholds=(0.01,),
+                                 sparsities=(0.1, 0.5), headline="near_zero@0.0001")
+    return root, report
+
+
+def test_near_zero_fractions_are_exact(runs):
+    _, report = runs
+    target_size = LAYERS * (4 * HIDDEN * HIDDEN + 2 * HIDDEN * FFN)
+    for record in report["runs"][0]["steps"]:
+        tiny = sum(tiny_counts(record["step"]).values())
+        assert record["near_zero"]["target"][0] == tiny / target_size
+        assert record["components"]["attention/query"]["near_zero"][0] == tiny / (
+            LAYERS * HIDDEN * HIDDEN
+        )
+        assert record["components"]["attention/key"]["near_zero"][0] == 0.0
+        assert record["layers"]["0"]["near_zero"][0] == tiny / 2 / (target_size / LAYERS)
+        assert record["exact_zeros"]["target"] == 0.0
+        assert record["exact_zeros"]["model"] > 0.0  # the zero biases count over the model
+
+
+def test_components_and_layers_come_from_paths():
+    path = "bert/encoder/layers/11/mlp/down/kernel"
+    assert emergence.component_of(path) == "mlp/down"
+    assert emergence.layer_of(path) == "11"
+    assert emergence.layer_of("bert/embeddings/word_embeddings/embedding") == "other"
+
+
+def test_steps_are_listed_with_mask_overlaps(runs):
+    _, report = runs
+    records = report["runs"][1]["steps"]
+    assert [r["step"] for r in records] == list(STEPS)
+    assert all(m["previous"] is None for m in records[0]["masks"])
+    final = records[-1]["masks"][1]["final"]
+    assert final["iou"] == pytest.approx(1.0)
+    assert final["cosine"] == pytest.approx(1.0)
+    assert final["chance_iou"] == pytest.approx(0.5 * 0.5 / (1 - 0.25))
+    assert records[1]["masks"][0]["previous"]["iou"] < 1.0  # independent random weights
+
+
+def test_transition_is_found_where_the_curve_jumps(runs):
+    _, report = runs
+    for row in report["comparison"]:
+        assert row["largest_jump"]["from_step"] == 10
+        assert row["largest_jump"]["to_step"] == 20
+        assert row["change_point"]["step"] in (10, 20)
+
+
+def test_change_point_of_a_bent_line():
+    steps = np.arange(0, 50)
+    values = np.where(steps < 30, 0.001 * steps, 0.03 + 0.02 * (steps - 30))
+    found = emergence.change_point(steps, values)
+    assert found["step"] == 30
+    assert found["slope_before"] == pytest.approx(0.001, abs=1e-9)
+    assert found["slope_after"] == pytest.approx(0.02, abs=1e-9)
+
+
+def test_reports_and_plots_are_written(runs):
+    root, _ = runs
+    stored = json.loads((root / emergence.RESULTS_FILE).read_text())
+    assert [r["label"] for r in stored["runs"]] == ["data_100 (data 100%)", "data_60 (data 60%)"]
+    assert len(stored["comparison"]) == 2
+    for run in ("data_100", "data_60"):
+        assert json.loads((root / run / emergence.RESULTS_FILE).read_text())["steps"]
+    for name in ("near_zero", "mask_overlap", "components"):
+        assert (root / f"emergence_{name}.png").stat().st_size > 0
+
+
+def test_a_folder_without_checkpoints_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="no checkpoints"):
+        emergence.find_runs(tmp_path)

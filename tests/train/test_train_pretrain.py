@@ -1,0 +1,169 @@
+"""MLM pre-training pieces: 80/10/10 masking, loss, schedule, sharding, save steps, vocabulary."""
+
+import importlib.util
+import json
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from es_jax.train import checkpointing, pretrain
+from es_jax.train.mlm import mask_tokens, mlm_loss
+
+SMOKE = str(Path(__file__).parents[2] / "configs" / "pretrain_smoke.py")
+MASK_ID, VOCAB = 4, 1000
+
+
+@pytest.fixture(scope="module")
+def smoke_config():
+    """The smoke pre-training config."""
+    spec = importlib.util.spec_from_file_location("pretrain_smoke", SMOKE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def test_masking_chooses_15_percent_of_maskable_tokens_and_replaces_80_10_10():
+    shape = (400, 500)
+    tokens = jax.random.randint(jax.random.key(1), shape, 5, VOCAB)
+    maskable = jnp.arange(shape[1])[None, :] % 2 == 0  # odd positions are never masked
+    inputs, labels, weights = mask_tokens(jax.random.key(2), tokens, maskable, MASK_ID, VOCAB)
+    chosen = np.asarray(weights) > 0
+    n = int(np.broadcast_to(maskable, shape).sum())
+    assert not chosen[:, 1::2].any()
+    assert abs(chosen.sum() / n - 0.15) < 5 * np.sqrt(0.15 * 0.85 / n)
+    assert np.array_equal(labels, tokens)
+    inputs, tokens = np.asarray(inputs), np.asarray(tokens)
+    assert np.array_equal(inputs[~chosen], tokens[~chosen])
+    masked = (inputs == MASK_ID)[chosen].mean()
+    kept = (inputs == tokens)[chosen].mean()
+    randomised = 1 - masked - kept
+    k = chosen.sum()
+    for observed, expected in ((masked, 0.8), (kept, 0.1 + 0.1 / VOCAB), (randomised, 0.1)):
+        assert abs(observed - expected) < 5 * np.sqrt(expected * (1 - expected) / k)
+
+
+def test_masking_is_a_pure_function_of_its_key():
+    tokens = jnp.arange(64).reshape(2, 32) + 5
+    maskable = jnp.ones_like(tokens, bool)
+    first = mask_tokens(jax.random.key(7), tokens, maskable, MASK_ID, VOCAB)
+    again = jax.jit(partial(mask_tokens, mask_token_id=MASK_ID, vocab_size=VOCAB))(
+        jax.random.key(7), tokens, maskable
+    )
+    for a, b in zip(first, again, strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_mlm_loss_counts_only_predicted_positions():
+    logits = jax.random.normal(jax.random.key(0), (2, 4, 10))
+    labels = jnp.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    weights = jnp.array([[1.0, 0, 0, 1], [0, 0, 1, 0]])
+    loss, metrics = mlm_loss(logits, labels, weights)
+    per_token = -jax.nn.log_softmax(logits)[jnp.arange(2)[:, None], jnp.arange(4), labels]
+    assert loss == pytest.approx(float((per_token * weights).sum() / 3), rel=1e-6)
+    changed = logits.at[0, 1].set(100.0)
+    assert mlm_loss(changed, labels, weights)[0] == pytest.approx(float(loss), rel=1e-6)
+    assert metrics["predicted_tokens"] == 3
+
+
+def test_checkpoint_steps_are_interval_log_spaced_and_last():
+    steps = checkpointing.checkpoint_steps(total_steps=250, every=100, log_spaced=4)
+    assert steps == [0, 1, 5, 22, 100, 200, 250]
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        checkpointing.checkpoint_steps(100, 0)
+
+
+def test_learning_rate_warms_up_then_decays_linearly_to_zero(smoke_config):
+    schedule = pretrain.learning_rate_schedule(smoke_config)
+    peak, warmup, total = (smoke_config.learning_rate, smoke_config.warmup_steps,
+                           smoke_config.total_steps)
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(warmup)) == pytest.approx(peak)
+    assert float(schedule(warmup // 2)) == pytest.approx(peak * (warmup // 2) / warmup)
+    midway = warmup + (total - warmup) // 2
+    assert float(schedule(midway)) == pytest.approx(peak * (total - midway) / (total - warmup))
+    assert float(schedule(total)) == pytest.approx(0.0)
+
+
+def test_fsdp_shards_the_largest_divisible_axis():
+    assert pretrain.leaf_spec((1000, 64), 8, fsdp=True) == jax.sharding.PartitionSpec("data", None)
+    assert pretrain.leaf_spec((30, 256), 8, fsdp=True) == jax.sharding.PartitionSpec(None, "data")
+    assert pretrain.leaf_spec((1001, 63), 8, fsdp=True) == jax.sharding.PartitionSpec()
+    assert pretrain.leaf_spec((16,), 8, fsdp=True) == jax.sharding.PartitionSpec()
+    assert pretrain.leaf_spec((1000, 64), 8, fsdp=False) == jax.sharding.PartitionSpec()
+
+
+def train_two_steps(config, fsdp: bool):
+    """Two train steps of the smoke model on a fixed batch over all devices."""
+    with config.unlocked():
+        config.fsdp = fsdp
+    mesh = pretrain.make_mesh()
+    optimizer = pretrain.make_optimizer(config)
+    graphdef, _, shardings, rest = pretrain.initial_layout(config, VOCAB, optimizer, mesh)
+    state = jax.jit(lambda: pretrain.init_train_state(pretrain.build_model(config, VOCAB),
+                                                      optimizer, config.seed),
+                    out_shardings=shardings)()
+    tokens = np.random.default_rng(0).integers(5, VOCAB, (8, config.data.seq_len), np.int32)
+    batch = pretrain.with_maskable({"input_ids": tokens, "attention_mask": np.ones_like(tokens)},
+                                   np.arange(5, dtype=np.int32))
+    tokenizer = type("Tokenizer", (), {"mask_token_id": MASK_ID})
+    step = pretrain.compiled_step(config, graphdef, optimizer, tokenizer, VOCAB, mesh, shardings)
+    data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    sharded = pretrain.global_batch(batch, data_sharding)
+    losses = []
+    for _ in range(2):
+        state, metrics = step(state, sharded, rest)
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+def test_replicated_and_fsdp_training_agree_across_eight_devices(smoke_config):
+    assert jax.device_count() == 8
+    replicated, losses = train_two_steps(smoke_config.copy_and_resolve_references(), fsdp=False)
+    sharded, sharded_losses = train_two_steps(smoke_config.copy_and_resolve_references(), True)
+    embedding = sharded["params"]["bert"]["embeddings"]["word_embeddings"]["embedding"]
+    assert not embedding.sharding.is_fully_replicated
+    assert losses == pytest.approx(sharded_losses, rel=1e-5)
+    assert int(replicated["step"]) == 2
+    for a, b in zip(jax.tree.leaves(replicated), jax.tree.leaves(sharded), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_decay_spares_biases_and_norms():
+    params = {"dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}, "norm": jnp.ones(3)}
+    assert pretrain.decays(params) == {"dense": {"kernel": True, "bias": False}, "norm": False}
+    optimizer = optax.adamw(0.1, weight_decay=1.0, mask=pretrain.decays)
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = optimizer.update(zero_grads, optimizer.init(params), params)
+    assert float(updates["dense"]["bias"][0]) == 0.0
+    assert float(updates["dense"]["kernel"][0, 0]) < 0.0
+
+
+def test_wordpiece_vocabulary_is_reproducible(tmp_path):
+    texts = ["the cat sat on the mat", "a dog ran in the park", "cats and dogs"] * 20
+    first = pretrain.train_wordpiece(texts, 60, tmp_path / "a.json")
+    pretrain.train_wordpiece(texts, 60, tmp_path / "b.json")
+    assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
+    tokenizer = pretrain.WordPieceTokenizer(tmp_path / "a.json")
+    ids = tokenizer(["the cat"])["input_ids"][0]
+    assert ids[0] == tokenizer.cls_token_id
+    assert ids[-1] == tokenizer.sep_token_id
+    assert [first.id_to_token(i) for i in range(5)] == list(pretrain.SPECIAL_TOKENS)
+
+
+def test_run_only_keys_may_change_but_others_may_not(tmp_path, smoke_config):
+    config = smoke_config.copy_and_resolve_references()
+    checkpointing.check_config(tmp_path, config, force=False, ignore=pretrain.RUN_ONLY_KEYS)
+    with config.unlocked():
+        config.log_every = 3
+    checkpointing.check_config(tmp_path, config, force=False, ignore=pretrain.RUN_ONLY_KEYS)
+    with config.unlocked():
+        config.model.hidden_size = 64
+    with pytest.raises(ValueError, match=r"model\.hidden_size: 32 -> 64"):
+        checkpointing.check_config(tmp_path, config, force=False, ignore=pretrain.RUN_ONLY_KEYS)
+    stored = json.loads((tmp_path / checkpointing.CONFIG_FILE).read_text())
+    assert stored["model"]["hidden_size"] == 32

@@ -1,0 +1,124 @@
+"""Pre-training resumes exactly after SIGKILL or a corrupt checkpoint, and refuses other configs."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import pytest
+
+from es_jax.train import checkpointing, pretrain
+
+SMOKE = str(Path(__file__).parents[2] / "configs" / "pretrain_smoke.py")
+TOTAL_STEPS = 30
+
+
+def command(workdir: Path, *extra: str) -> list[str]:
+    """The `es-jax pretrain` command line of the smoke run."""
+    return [
+        sys.executable, "-m", "es_jax.cli", "pretrain", "--config", SMOKE, "--workdir",
+        str(workdir), *extra,
+    ]
+
+
+def final_state(workdir: Path) -> dict:
+    """The last checkpoint's full train state as numpy arrays."""
+    return checkpointing.read_state(workdir / checkpointing.CHECKPOINT_DIR, TOTAL_STEPS)
+
+
+def assert_bitwise_equal(left: dict, right: dict) -> None:
+    """Every leaf (params, optimizer state, step, RNG) has identical bits."""
+    left_leaves = jax.tree_util.tree_leaves_with_path(left)
+    right_leaves = jax.tree_util.tree_leaves_with_path(right)
+    assert [p for p, _ in left_leaves] == [p for p, _ in right_leaves]
+    for (path, a), (_, b) in zip(left_leaves, right_leaves, strict=True):
+        assert (a.dtype, a.shape) == (b.dtype, b.shape), jax.tree_util.keystr(path)
+        assert a.tobytes() == b.tobytes(), jax.tree_util.keystr(path)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, dict]:
+    """An uninterrupted smoke run (in this process: same devices and flags as the subprocesses)."""
+    workdir = tmp_path_factory.mktemp("reference")
+    config, _ = pretrain.parse_flags(["--config", SMOKE, "--workdir", str(workdir)])
+    pretrain.train_and_evaluate(config, workdir)
+    return workdir, final_state(workdir)
+
+
+def wait_for(predicate, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Polls until `predicate()` holds; fails if the process ends or time runs out first."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if process.poll() is not None:
+            pytest.fail(f"the run ended (code {process.returncode}) before the kill point")
+        if time.monotonic() > deadline:
+            pytest.fail("the kill point was not reached in time")
+        time.sleep(0.005)
+
+
+def kill_when(workdir: Path, predicate) -> None:
+    """Starts the run and SIGKILLs it as soon as `predicate(checkpoint_dir)` holds."""
+    process = subprocess.Popen(
+        command(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=os.environ.copy(),
+    )
+    checkpoints = workdir / checkpointing.CHECKPOINT_DIR
+    wait_for(lambda: checkpoints.exists() and predicate(checkpoints), process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def saving(step: int):
+    """True once step `step`'s checkpoint is being written (a temporary directory exists)."""
+    return lambda checkpoints: any(
+        p.name.startswith(f"{step}.") and "tmp" in p.name for p in checkpoints.iterdir()
+    ) or (checkpoints / str(step)).exists()
+
+
+def saved(step: int):
+    """True once step `step`'s checkpoint is complete."""
+    return lambda checkpoints: (checkpoints / str(step) / "commit_success.txt").exists() or (
+        checkpoints / str(step) / "_CHECKPOINT_METADATA"
+    ).exists()
+
+
+def test_sigkilled_run_resumes_bitwise_equal(reference, tmp_path):
+    _, expected = reference
+    kill_when(tmp_path, saving(10))  # while a checkpoint is being written
+    kill_when(tmp_path, saved(20))  # just after a checkpoint is complete
+    result = subprocess.run(
+        command(tmp_path), capture_output=True, text=True, env=os.environ.copy()
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_bitwise_equal(final_state(tmp_path), expected)
+
+
+def test_corrupt_checkpoint_is_skipped_with_a_warning(reference, tmp_path):
+    source, expected = reference
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
+    corrupt = workdir / checkpointing.CHECKPOINT_DIR / str(TOTAL_STEPS) / "state"
+    for data_file in (corrupt / "d").iterdir():
+        data_file.write_bytes(data_file.read_bytes()[:7])
+    config, _ = pretrain.parse_flags(["--config", SMOKE, "--workdir", str(workdir)])
+    with pytest.warns(UserWarning, match=rf"checkpoints/{TOTAL_STEPS}\b.*could not be read"):
+        summary = pretrain.train_and_evaluate(config, workdir)
+    assert summary["resumed_from"] == 20
+    assert (workdir / checkpointing.CORRUPT_DIR / str(TOTAL_STEPS)).exists()
+    assert_bitwise_equal(final_state(workdir), expected)
+
+
+def test_other_config_in_existing_workdir_is_refused(reference, tmp_path):
+    source, _ = reference
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
+    changed = ["--config", SMOKE, "--workdir", str(workdir), "--config.learning_rate=0.5"]
+    config, _ = pretrain.parse_flags(changed)
+    with pytest.raises(ValueError, match=r"learning_rate: 0\.001 -> 0\.5"):
+        pretrain.train_and_evaluate(config, workdir)
+    forced, _ = pretrain.parse_flags([*changed, "--force"])
+    assert pretrain.train_and_evaluate(forced, workdir)["resumed_from"] == TOTAL_STEPS
