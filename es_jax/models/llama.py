@@ -19,7 +19,7 @@ from flax import nnx
 from es_jax.models import layers
 
 MODEL_TYPES = ("llama",)
-PRUNABLE = r"model/layers/\d+/(self_attn/(query|key|value|out)|mlp/(gate|up|down))/kernel"
+PRUNABLE = r"(?:.*/)?model/layers/\d+/(self_attn/(query|key|value|out)|mlp/(gate|up|down))/kernel"
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:

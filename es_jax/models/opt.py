@@ -21,7 +21,7 @@ from flax import nnx
 from es_jax.models import layers
 
 MODEL_TYPES = ("opt",)
-PRUNABLE = r"decoder/layers/\d+/(self_attn/(query|key|value|out)|mlp/(up|down))/kernel"
+PRUNABLE = r"(?:.*/)?decoder/layers/\d+/(self_attn/(query|key|value|out)|mlp/(up|down))/kernel"
 POSITION_OFFSET = 2
 LAYER_NORM_EPS = 1e-5
 
