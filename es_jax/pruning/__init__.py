@@ -1,0 +1,31 @@
+"""Pure pruning transforms over parameter pytrees: selectors, scores, exact masks, statistics.
+
+Imports only jax and numpy, so it can be taken alone into any Flax codebase:
+
+    scores = pruning.magnitude(params, where=r".*/(query|key|value)/kernel")
+    mask = pruning.unstructured(scores, 0.5)      # exactly round(0.5 * n) removed, globally
+    pruned = pruning.apply(params, mask)
+"""
+
+from es_jax.pruning.masks import apply, erk, erk_densities, n_of_m, omp, unstructured
+from es_jax.pruning.paths import leaf_paths, select
+from es_jax.pruning.scores import magnitude, random_scores, wanda
+from es_jax.pruning.stats import format_report, near_zero, report, similarity
+
+__all__ = [
+    "apply",
+    "erk",
+    "erk_densities",
+    "format_report",
+    "leaf_paths",
+    "magnitude",
+    "n_of_m",
+    "near_zero",
+    "omp",
+    "random_scores",
+    "report",
+    "select",
+    "similarity",
+    "unstructured",
+    "wanda",
+]
