@@ -21,6 +21,7 @@ from es_jax.models import layers
 MODEL_TYPES = ("llama",)
 PRUNABLE = r"(?:.*/)?model/layers/\d+/(self_attn/(query|key|value|out)|mlp/(gate|up|down))/kernel"
 
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     """Llama hyper-parameters under their Hugging Face `config.json` names."""

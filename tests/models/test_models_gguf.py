@@ -7,7 +7,13 @@ import torch
 import transformers
 from tokenizers import pre_tokenizers
 
-from es_jax.models.gguf import read_gguf, unpermute_rope_rows
+from es_jax.models.gguf import (
+    read_gguf,
+    read_metadata,
+    smollm2_path,
+    tokenizer_from_metadata,
+    unpermute_rope_rows,
+)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 BYTE_TOKENS = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -175,3 +181,16 @@ def test_unsupported_pre_tokenizer_is_refused(tmp_path, torch_llama):
 def test_missing_file_is_refused(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         read_gguf(tmp_path / "absent.gguf")
+
+
+def test_smollm2_tokenizer_follows_gguf_vocabulary():
+    metadata = read_metadata(gguf.GGUFReader(smollm2_path()))
+    tokenizer = tokenizer_from_metadata(metadata)
+    vocabulary = {token: index for index, token in enumerate(metadata["tokenizer.ggml.tokens"])}
+    expected = [vocabulary[t] for t in ["The", "Ġcapital", "Ġof", "ĠFrance", "Ġis"]]
+    assert tokenizer.encode("The capital of France is") == expected
+    bos = metadata["tokenizer.ggml.bos_token_id"]
+    assert tokenizer.encode("<|im_start|>user") == [bos, vocabulary["user"]]
+    texts = ["Année 2024: 3.14 ≈ π\n\tdone", "<|im_start|>assistant\nHi!<|im_end|>"]
+    for text in texts:
+        assert tokenizer.decode(tokenizer.encode(text)) == text

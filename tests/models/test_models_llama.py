@@ -4,7 +4,6 @@ import dataclasses
 import json
 import re
 
-import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +16,7 @@ from transformers.initialization import no_init_weights
 
 from es_jax import pruning
 from es_jax.models import llama
-from es_jax.models.gguf import read_gguf, read_metadata, smollm2_path
+from es_jax.models.gguf import read_gguf, smollm2_path
 
 TINY = dict(
     vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -238,13 +237,3 @@ def test_smollm2_prunable_covers_every_block(smollm2):
     selected = [path for path in paths if re.fullmatch(llama.PRUNABLE, path)]
     assert len(selected) == 7 * hf_config["num_hidden_layers"] == 210
 
-
-def test_smollm2_tokenizer_follows_gguf_vocabulary(smollm2):
-    _, tokenizer, hf_config, _ = smollm2
-    metadata = read_metadata(gguf.GGUFReader(smollm2_path()))
-    vocabulary = {token: index for index, token in enumerate(metadata["tokenizer.ggml.tokens"])}
-    expected = [vocabulary[t] for t in ["The", "Ġcapital", "Ġof", "ĠFrance", "Ġis"]]
-    assert tokenizer.encode(PROMPT) == expected
-    assert tokenizer.encode("<|im_start|>user") == [hf_config["bos_token_id"], vocabulary["user"]]
-    for text in [PROMPT, "Année 2024: 3.14 ≈ π\n\tdone", "<|im_start|>assistant\nHi!<|im_end|>"]:
-        assert tokenizer.decode(tokenizer.encode(text)) == text
