@@ -32,17 +32,19 @@ import importlib.util
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from es_jax.models import bert, gguf, llama, opt, vit
+from es_jax.models import bert, gguf, layers, llama, opt, vit
 
 FAMILIES: tuple[ModuleType, ...] = (bert, vit, llama, opt)
 REGISTRY: dict[str, ModuleType] = {t: family for family in FAMILIES for t in family.MODEL_TYPES}
@@ -225,10 +227,36 @@ def from_hf(
         config = _with_dtypes(config, dtype, param_dtype)
     if num_labels is None:
         num_labels = len(hf_config.get("id2label") or {}) or 2
-    model = family.build(config, task, rngs=nnx.Rngs(seed), num_labels=num_labels)
+
+    def build() -> nnx.Module:
+        return family.build(config, task, rngs=nnx.Rngs(seed), num_labels=num_labels)
+
+    model = nnx.eval_shape(build)
     family.load_hf_tensors(model, tensors)
+    initialise_missing(model, build)
     model.eval()
     return model
+
+
+def initialise_missing(model: nnx.Module, build: Callable[[], nnx.Module]) -> None:
+    """Gives the still-abstract variables of `model` (new heads, RNG state) their initial values.
+
+    The model is built abstractly and filled from the checkpoint first, so a large checkpoint is
+    never randomly initialised in full; one jitted `build()` whose unused outputs XLA drops makes
+    the rest.
+    """
+    flat = nnx.to_flat_state(nnx.state(model))
+    missing = [path for path, var in flat if isinstance(var.get_value(), jax.ShapeDtypeStruct)]
+    if not missing:
+        return
+
+    @jax.jit
+    def initial_values() -> list[jax.Array]:
+        fresh = nnx.state(build())
+        return [layers.variable_at(fresh, path).get_value() for path in missing]
+
+    for path, value in zip(missing, initial_values(), strict=True):
+        layers.variable_at(model, path).set_value(value)
 
 
 def _with_dtypes(config: Any, dtype: Any, param_dtype: Any) -> Any:

@@ -594,7 +594,7 @@ def assign_hf_tensors(
             continue
         variable = variable_at(module, spec.path)
         value = spec.to_flax(np.asarray(array))
-        expected = tuple(variable[...].shape)
+        expected = tuple(variable.get_value().shape)
         if tuple(value.shape) != expected:
             flax_shape = tuple(np.shape(spec.to_hf(np.zeros(expected, np.float32))))
             mismatched.append(
@@ -616,7 +616,7 @@ def assign_hf_tensors(
             f"The {family} checkpoint disagrees with its config: " + "; ".join(mismatched)
         )
     for variable, value in planned:
-        variable[...] = jnp.asarray(value, dtype=variable[...].dtype)
+        variable.set_value(jnp.asarray(value, dtype=variable.get_value().dtype))
 
 
 def collect_hf_tensors(module: nnx.Module, specs: Sequence[WeightSpec]) -> dict[str, np.ndarray]:
