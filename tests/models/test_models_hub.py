@@ -229,3 +229,13 @@ def test_bundled_smollm2_name_is_the_packaged_gguf_file():
     location = hub.resolve("smollm2", None)
     assert location.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert location.is_file()
+
+
+def test_bfloat16_safetensors_load_as_float32_parameters(tiny_folder, tmp_path):
+    theirs = transformers.BertModel.from_pretrained(tiny_folder).to(torch.bfloat16)
+    theirs.save_pretrained(tmp_path)
+    model, _ = models.load(tmp_path)
+    kernel = model.encoder.layers[1].mlp.down.kernel[...]
+    assert kernel.dtype == jnp.float32
+    expected = theirs.state_dict()["encoder.layer.1.output.dense.weight"].float().numpy().T
+    np.testing.assert_array_equal(np.asarray(kernel), expected)
