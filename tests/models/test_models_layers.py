@@ -208,3 +208,17 @@ def test_collect_inverts_assign():
     clone = layers.Mlp(4, 8, rngs=nnx.Rngs(4))
     layers.assign_hf_tensors(clone, specs, exported, family="test")
     np.testing.assert_array_equal(clone.up.kernel[...], module.up.kernel[...])
+
+
+def test_keep_mask_accepts_key_query_and_head_shapes_and_refuses_others():
+    keys = jnp.array([[1, 1, 0]])
+    full = layers.attention_keep_mask(keys, causal=True, q_len=3, k_len=3)
+    expected = np.array([[1, 0, 0], [1, 1, 0], [1, 1, 0]], bool)
+    np.testing.assert_array_equal(full[0, 0], expected)
+    per_query = layers.attention_keep_mask(
+        jnp.asarray(expected)[None], causal=False, q_len=3, k_len=3
+    )
+    np.testing.assert_array_equal(per_query, full)
+    assert layers.attention_keep_mask(None, causal=False, q_len=3, k_len=3) is None
+    with pytest.raises(ValueError, match=r"\(B, Lk\)"):
+        layers.attention_keep_mask(jnp.ones((3,)), causal=False, q_len=3, k_len=3)
