@@ -56,7 +56,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 PYTORCH_BIN = "pytorch_model.bin"
 CONFIG = "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.bin"]
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
 
 
 def family_for(model_type: str | None) -> ModuleType:
@@ -177,16 +177,24 @@ def snapshot(repo_id: str, cache_dir: str | os.PathLike | None) -> Path:
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
-        folder = huggingface_hub.snapshot_download(
-            repo_id, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS
+        folder = Path(
+            huggingface_hub.snapshot_download(
+                repo_id, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS
+            )
         )
+        if not any(folder.glob("*.safetensors")):  # an older repo: fetch its PyTorch pickle too
+            folder = Path(
+                huggingface_hub.snapshot_download(
+                    repo_id, cache_dir=cache_dir, allow_patterns=[*HUB_PATTERNS, PYTORCH_BIN]
+                )
+            )
     except (LocalEntryNotFoundError, HFValidationError) as error:
         raise ValueError(
             f"{repo_id!r} is not a bundled name ({', '.join(BUNDLED)}), not a local folder or "
             f".gguf file, and not available from the Hugging Face hub or its cache ({error}). "
             "Give a local path, or download it first with network access (HF_HUB_OFFLINE unset)."
         ) from error
-    return Path(folder)
+    return folder
 
 
 def resolve(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None) -> Path:
