@@ -1,10 +1,14 @@
 r"""BERT-base MLM pre-training from scratch, the paper's emergence setting (section 5, Fig. 8).
 
-On a Cloud TPU pod (every host runs the same command; see tpu_scripts/):
-  es-jax pretrain --config configs/bert_base_pretrain.py --workdir gs://BUCKET/runs/bert_base_100 \
+On a Cloud TPU pod slice, with tpu_scripts/ (every host runs the same command; the workdir is a
+bucket mounted at /gcs/BUCKET on all hosts):
+  BUCKET=my-bucket tpu_scripts/create.sh
+  BUCKET=my-bucket tpu_scripts/launch.sh data_100 --config.data.fraction=1.0
+  which runs on every host:
+  es-jax pretrain --config configs/bert_base_pretrain.py --workdir /gcs/BUCKET/runs/data_100 \
       --config.data.fraction=1.0
-and the other data volumes with --config.data.fraction=0.9 / 0.8 / 0.7 / 0.6 and their own workdir.
-Then: es-jax emergence --workdir gs://BUCKET/runs
+then the other data volumes (0.9 / 0.8 / 0.7 / 0.6), each in its own workdir, and
+  BUCKET=my-bucket tpu_scripts/emergence.sh   (es-jax emergence --workdir /gcs/BUCKET/runs)
 
 Bookcorpus comes through tfds's Hugging Face namespace ("huggingface:bookcorpus", which needs the
 `datasets` package and network access where the job runs). The paper leaves batch size, learning

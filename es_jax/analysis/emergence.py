@@ -28,6 +28,7 @@ THRESHOLDS = (1e-4, 1e-3, 1e-2)
 RELATIVE_THRESHOLDS = (0.01, 0.05, 0.1)
 SPARSITIES = (0.2, 0.5, 0.8)
 RESULTS_FILE = "emergence.json"
+CHECKPOINT_DIR = "checkpoints"  # the sub-directory `es-jax pretrain` writes its checkpoints to
 _LAYER = re.compile(r"(?:^|/)layers/(\d+)/")
 
 
@@ -35,9 +36,7 @@ _LAYER = re.compile(r"(?:^|/)layers/(\d+)/")
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
-    """Where a pre-training run keeps its checkpoints."""
-    from es_jax.train.checkpointing import CHECKPOINT_DIR
-
+    """Where a pre-training run (`es-jax pretrain`) keeps its checkpoints."""
     return Path(run_dir) / CHECKPOINT_DIR
 
 

@@ -129,26 +129,22 @@ def restore_latest(
     return None
 
 
-def host_abstract(tree: Any) -> Any:
-    """Shape/dtype structs on the first local device, for reading a checkpoint anywhere."""
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree.map(
-        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), tree
-    )
-
-
-def read_state(
-    directory: str | Path, step: int, manager: ocp.CheckpointManager | None = None
-) -> Any:
+def read_state(directory: str | Path, step: int) -> Any:
     """One step's train state as numpy arrays, whatever devices or sharding it was saved with."""
-    manager = manager or open_manager(directory, async_save=False)
+    manager = ocp.CheckpointManager(
+        Path(directory).absolute(),
+        options=ocp.CheckpointManagerOptions(read_only=True),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+    )
     metadata = manager.item_metadata(step)["state"]
     tree = metadata.tree if hasattr(metadata, "tree") else metadata
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     restored = manager.restore(
         step,
-        args=ocp.args.Composite(state=ocp.args.StandardRestore(host_abstract(tree))),
+        args=ocp.args.Composite(state=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args)),
     )
-    return jax.tree.map(np.asarray, restored["state"])
+    manager.close()
+    return restored["state"]
 
 
 def config_fingerprint(config: Any) -> dict[str, Any]:
@@ -190,4 +186,6 @@ def check_config(
             return
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(current, indent=2, sort_keys=True))
+        partial_path = path.with_suffix(".partial")
+        partial_path.write_text(json.dumps(current, indent=2, sort_keys=True))
+        partial_path.rename(path)  # atomic: a kill never leaves a half-written config

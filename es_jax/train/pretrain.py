@@ -170,7 +170,7 @@ def train_step(
     inputs, labels, weights = mask_tokens(
         mask_key, batch["input_ids"], batch["maskable"], mask_token_id, vocab_size, mask_rate
     )
-    model = nnx.merge(graphdef, nnx.State(state["params"]), rest)
+    model = nnx.merge(graphdef, state["params"], rest)
     nnx.reseed(model, dropout=dropout_key)
     model.train()
 
@@ -187,7 +187,7 @@ def train_step(
         "step": state["step"] + 1,
         "rng": state["rng"],
     }
-    return new_state, {**metrics, "grad_norm": optax.global_norm(grads)}
+    return new_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
 
 
 # ----------------------------------------------------------------------------- data
