@@ -1,0 +1,192 @@
+"""Properties of the pruning transforms, checked with hypothesis against a numpy reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from es_jax import pruning
+
+SETTINGS = settings(max_examples=20, deadline=None)
+
+
+LAYOUTS = ([(8, 16), (12, 8)], [(8, 16), (12, 8), (4, 16)])
+
+
+@st.composite
+def weight_trees(draw: st.DrawFn, tied: bool = False) -> dict[str, jax.Array]:
+    """Two or three small matrices of fixed layouts (so each compiles once); with `tied`, drawn
+    from a handful of values (many ties)."""
+    shapes = draw(st.sampled_from(LAYOUTS))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    tree = {}
+    for i, shape in enumerate(shapes):
+        values = rng.integers(-3, 4, shape) if tied else rng.normal(size=shape)
+        tree[f"layer{i}"] = {"kernel": jnp.asarray(values, jnp.float32),
+                             "bias": jnp.asarray(rng.normal(size=shape[1]), jnp.float32)}
+    return tree
+
+
+def pruned_flags(mask: dict) -> np.ndarray:
+    """Pruned flags of the kernels, concatenated in leaf order."""
+    return np.concatenate([~np.asarray(m).ravel() for m in jax.tree.leaves(mask)])
+
+
+def kernel_scores(tree: dict) -> np.ndarray:
+    """|w| of the kernels, concatenated in leaf order (the reference order of ties)."""
+    return np.concatenate([np.abs(np.asarray(layer["kernel"])).ravel()
+                           for layer in tree.values()])
+
+
+@SETTINGS
+@given(tree=weight_trees(tied=True), sparsity=st.floats(0, 1))
+def test_global_removes_exactly_round_s_n_in_key_then_index_order(tree, sparsity):
+    mask = pruning.unstructured(pruning.magnitude(tree, where=r".*kernel"), sparsity)
+    scores = kernel_scores(tree)
+    k = round(sparsity * scores.size)
+    expected = np.zeros(scores.size, bool)
+    expected[np.lexsort((np.arange(scores.size), scores))[:k]] = True
+    np.testing.assert_array_equal(pruned_flags(mask), expected)
+
+
+@SETTINGS
+@given(tree=weight_trees(tied=True),
+       levels=st.lists(st.floats(0, 1), min_size=3, max_size=3).map(sorted))
+def test_masks_nest_across_sparsities(tree, levels):
+    masks = pruning.unstructured(pruning.magnitude(tree, where=r".*kernel"), levels)
+    flags = [pruned_flags(m) for m in masks]
+    for lower, higher in zip(flags, flags[1:], strict=False):
+        assert np.all(higher[lower]), "a weight pruned at lower sparsity came back"
+
+
+@SETTINGS
+@given(tree=weight_trees(), n=st.integers(0, 4))
+def test_every_n_of_m_group_keeps_exactly_n(tree, n):
+    mask = pruning.n_of_m(pruning.magnitude(tree, where=r".*kernel"), n=n, m=4)
+    for layer, layer_mask in zip(tree.values(), mask.values(), strict=True):
+        kept = np.asarray(layer_mask["kernel"])
+        groups = kept.reshape(kept.shape[0] // 4, 4, kept.shape[1])
+        np.testing.assert_array_equal(groups.sum(axis=1), n)
+        scores = np.abs(np.asarray(layer["kernel"])).reshape(groups.shape)
+        if 0 < n < 4:
+            smallest_kept = np.where(groups, scores, np.inf).min(axis=1)
+            largest_pruned = np.where(groups, -np.inf, scores).max(axis=1)
+            assert np.all(smallest_kept >= largest_pruned)
+
+
+@SETTINGS
+@given(tree=weight_trees(), sparsity=st.floats(0, 1))
+def test_apply_is_idempotent_and_leaves_non_targets(tree, sparsity):
+    pruned, mask = pruning.omp(tree, sparsity, where=r".*kernel")
+    again = pruning.apply(pruned, mask)
+    jax.tree.map(np.testing.assert_array_equal, again, pruned)
+    for name in tree:
+        np.testing.assert_array_equal(pruned[name]["bias"], tree[name]["bias"])
+        assert mask[name]["bias"] is None
+
+
+@SETTINGS
+@given(tree=weight_trees(), sparsity=st.floats(0, 1))
+def test_layerwise_prunes_the_same_fraction_of_every_leaf(tree, sparsity):
+    mask = pruning.unstructured(pruning.magnitude(tree, where=r".*kernel"), sparsity,
+                                scope="layerwise")
+    for name, layer in tree.items():
+        size = layer["kernel"].size
+        assert int((~np.asarray(mask[name]["kernel"])).sum()) == round(sparsity * size)
+
+
+def fixed_tree(tied: bool) -> dict[str, jax.Array]:
+    """A fixed tree of two kernels and their biases."""
+    rng = np.random.default_rng(7)
+    draw = (lambda s: rng.integers(-3, 4, s)) if tied else rng.normal
+    return {f"layer{i}": {"kernel": jnp.asarray(draw((8, 16)), jnp.float32),
+                          "bias": jnp.zeros(16)} for i in range(2)}
+
+
+def test_nested_levels_equal_separate_calls():
+    tree = fixed_tree(tied=True)
+    scores = pruning.magnitude(tree, where=r".*kernel")
+    levels = [0.1, 0.35, 0.8]
+    together = pruning.unstructured(scores, levels)
+    for level, mask in zip(levels, together, strict=True):
+        np.testing.assert_array_equal(pruned_flags(mask),
+                                      pruned_flags(pruning.unstructured(scores, level)))
+
+
+def test_masks_are_identical_under_jit():
+    tree = fixed_tree(tied=True)
+    eager = pruning.omp(tree, [0.3, 0.6], where=r".*kernel")
+    jitted = jax.jit(lambda t: pruning.omp(t, [0.3, 0.6], where=r".*kernel"))(tree)
+    jax.tree.map(np.testing.assert_array_equal, jitted, eager)
+
+
+def test_low_precision_leaves_prune_exactly():
+    rng = np.random.default_rng(0)
+    for dtype in (jnp.bfloat16, jnp.float16):
+        tree = {"a": jnp.asarray(rng.normal(size=(32, 16)), dtype),
+                "b": jnp.asarray(rng.normal(size=(16, 8)), dtype)}
+        pruned, mask = pruning.omp(tree, 0.4)
+        assert pruned["a"].dtype == dtype
+        removed = sum(int((~np.asarray(m)).sum()) for m in jax.tree.leaves(mask))
+        assert removed == round(0.4 * (32 * 16 + 16 * 8))
+        kept_min = min(float(jnp.where(m, jnp.abs(w), jnp.inf).min()) for m, w in
+                       zip(jax.tree.leaves(mask), jax.tree.leaves(tree), strict=True))
+        pruned_max = max(float(jnp.where(m, -jnp.inf, jnp.abs(w)).max()) for m, w in
+                         zip(jax.tree.leaves(mask), jax.tree.leaves(tree), strict=True))
+        assert kept_min >= pruned_max
+
+
+def test_sample_miss_falls_back_to_exact_radix_select():
+    # Half the weights sit on one tiny value and half are spread over many octaves, so the k-th key
+    # for k just past the tie block is far from where a sample of this size would put a window.
+    rng = np.random.default_rng(1)
+    spread = np.exp(rng.uniform(-30, 5, size=3000)).astype(np.float32)
+    tree = {"w": jnp.asarray(np.concatenate([np.full(3000, 1e-3, np.float32), spread]))
+            .reshape(60, 100)}
+    scores = np.abs(np.asarray(tree["w"])).ravel()
+    for sparsity in (0.01, 0.499, 0.5, 0.5005, 0.73, 0.999):
+        mask = pruning.unstructured(pruning.magnitude(tree, where="w"), sparsity)
+        k = round(sparsity * scores.size)
+        expected = np.zeros(scores.size, bool)
+        expected[np.lexsort((np.arange(scores.size), scores))[:k]] = True
+        np.testing.assert_array_equal(~np.asarray(mask["w"]).ravel(), expected)
+
+
+def test_negative_scores_are_ordered_correctly():
+    scores = {"w": jnp.asarray([[-2.0, 3.0], [0.0, -0.0], [-1e-30, 1e-30]], jnp.float32)}
+    mask = pruning.unstructured(scores, 0.5)
+    # The three lowest: -2, -1e-30, then the first of the tied zeros in flat order (0.0 at [1, 0]).
+    np.testing.assert_array_equal(np.asarray(mask["w"]),
+                                  [[False, True], [False, True], [False, True]])
+
+
+def test_random_and_erk_baselines():
+    tree = fixed_tree(tied=False)
+    key = jax.random.PRNGKey(3)
+    random_mask = pruning.unstructured(pruning.random_scores(tree, key, r".*kernel"), 0.5)
+    again = pruning.unstructured(pruning.random_scores(tree, key, r".*kernel"), 0.5)
+    jax.tree.map(np.testing.assert_array_equal, random_mask, again)
+    total = sum(layer["kernel"].size for layer in tree.values())
+    assert pruned_flags(random_mask).sum() == round(0.5 * total)
+    erk_mask = pruning.erk(tree, 0.5, key, where=r".*kernel")
+    shapes = [layer["kernel"].shape for layer in tree.values()]
+    densities = pruning.erk_densities(shapes, 0.5)
+    kept = sum(d * np.prod(s) for d, s in zip(densities, shapes, strict=True))
+    assert abs(kept - 0.5 * total) < 1e-6 * total or max(densities) == 1.0
+    for layer_mask, density, shape in zip(erk_mask.values(), densities, shapes, strict=True):
+        assert int(np.asarray(layer_mask["kernel"]).sum()) == round(density * np.prod(shape))
+
+
+def test_erk_gives_smaller_layers_higher_density():
+    densities = pruning.erk_densities([(768, 768), (768, 3072), (64, 64)], 0.8)
+    assert densities[2] > densities[0] > densities[1]
+
+
+def test_wanda_scales_magnitude_by_input_norms():
+    w = jnp.asarray([[1.0, -2.0], [3.0, 0.5]])
+    tree = {"dense": {"kernel": w}}
+    scores = pruning.wanda(tree, {"dense/kernel": jnp.asarray([10.0, 0.1])})
+    np.testing.assert_allclose(scores["dense"]["kernel"], [[10.0, 20.0], [0.3, 0.05]])
+    mask = pruning.unstructured(scores, 0.5)
+    np.testing.assert_array_equal(mask["dense"]["kernel"], [[True, True], [False, False]])
