@@ -7,11 +7,12 @@ shape of the others, and the parameters keep their structure and dtypes. `compil
 the jit cache sizes, so tests and benchmarks can check that ten levels cost one compilation.
 
 Batches are dicts of numpy arrays with `input_ids`, `attention_mask` (optionally `token_type_ids`,
-`pixel_values`, `labels`, ...) and `weights` (1 for real rows, 0 for padding rows).
+`pixel_values`, `label`, ...) and `weights` (1 for real rows, 0 for padding rows).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,14 +82,17 @@ class Evaluator:
         return sum(forward.compilations() for forward in self.forwards)
 
 
-def text_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """The keyword arguments a text model takes from a batch."""
-    return {k: batch[k] for k in ("attention_mask", "token_type_ids") if k in batch}
+def text_inputs(model: nnx.Module, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The keyword arguments (attention mask, token types) of the batch that the model takes."""
+    accepted = inspect.signature(model.__call__).parameters
+    return {
+        k: batch[k] for k in ("attention_mask", "token_type_ids") if k in batch and k in accepted
+    }
 
 
 def mean_pooled(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
     """L2-normalised mean of the last hidden state over the attention mask, (B, H)."""
-    hidden = model(batch["input_ids"], **text_inputs(batch))
+    hidden = model(batch["input_ids"], **text_inputs(model, batch))
     mask = batch["attention_mask"][..., None].astype(hidden.dtype)
     pooled = (hidden * mask).sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)
     return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
@@ -191,7 +195,7 @@ def causal_lm_nll(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.A
 
 def masked_lm_nll(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """Summed NLL of the original tokens at the masked positions (`mlm_labels` >= 0)."""
-    logits = model(batch["input_ids"], **text_inputs(batch))
+    logits = model(batch["input_ids"], **text_inputs(model, batch))
     labels = batch["mlm_labels"]
     mask = (labels >= 0).astype(jnp.float32) * batch["weights"][:, None]
     return _token_nll(logits, jnp.maximum(labels, 0), mask), mask.sum()
@@ -253,21 +257,21 @@ def classify(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
     if "pixel_values" in batch:
         logits = model(batch["pixel_values"])
     else:
-        logits = model(batch["input_ids"], **text_inputs(batch))
+        logits = model(batch["input_ids"], **text_inputs(model, batch))
     return jnp.argmax(logits, axis=-1)
 
 
 def classification(
     model: nnx.Module, batches: list[Batch], task: str, metric: str = "accuracy"
 ) -> Evaluator:
-    """Accuracy or binary F1 (x 100) of a classifier; batches carry `labels`."""
+    """Accuracy or binary F1 (x 100) of a classifier; batches carry int `label`."""
     if metric not in ("accuracy", "f1"):
         raise ValueError(f"task {task!r}: metric must be accuracy or f1, not {metric!r}.")
     _require_examples(batches, task)
     forward = make_forward(model, classify)
     keys = (*TEXT_INPUTS, "pixel_values")
     on_device = device_batches(batches, keys)
-    labels = np.concatenate([b["labels"][b["weights"] > 0] for b in batches])
+    labels = np.concatenate([b["label"][b["weights"] > 0] for b in batches])
 
     def score(params: Any) -> float:
         predicted = np.concatenate(
@@ -285,7 +289,7 @@ def classification(
 
 def span_logits(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """Start and end logits of a question-answering model, each (B, L)."""
-    return model(batch["input_ids"], **text_inputs(batch))
+    return model(batch["input_ids"], **text_inputs(model, batch))
 
 
 def question_answering(

@@ -25,7 +25,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ SCHEMA_VERSION = 1
 SCORERS = ("magnitude", "wanda", "random")
 NAMED_PATTERNS = ("global", "layerwise")
 N_OF_M = re.compile(r"^(\d+):(\d+)$")
+FREE_FORM = ("tiny", "finetune")  # model settings whose keys are not fixed in advance
 # Families by the model kind a task needs (see tasks.ENCODER etc.).
 HEAD_FAMILIES = {
     task_registry.ENCODER: ("bert",),
@@ -85,12 +86,18 @@ def model_settings(**overrides: Any) -> ml_collections.ConfigDict:
             "lm_blocks": 16,  # blocks of the fixed Wikipedia text (perplexity, MLM loss)
             "calibration_blocks": 8,  # Wanda calibration: blocks of Lee background news
             "calibration_length": 256,
+            # Fine-tune tasks (GLUE, SQuAD, CIFAR): overrides of the paper's Table 1 settings
+            # (es_jax.train.finetune.FinetuneConfig fields, e.g. total_steps, learning_rate).
+            "finetune": ml_collections.ConfigDict(),
+            "max_train_examples": 0,  # keep the first N training examples (0 = all)
+            "doc_stride": 128,  # SQuAD windows
+            "image_size": 224,  # vision: images are resized to this square size
         }
     )
     for key, value in overrides.items():
         if key not in settings:
             raise ValueError(f"unknown model setting {key!r}; known settings: {sorted(settings)}.")
-        settings[key] = value
+        settings[key] = ml_collections.ConfigDict(value) if key in FREE_FORM else value
     return settings
 
 
@@ -107,9 +114,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.models.minilm = model_settings(
         name="minilm",
         tasks=("lee", "wordsim353", "simlex999"),
-        scorers=("magnitude", "random"),
-        patterns=("global", "layerwise", "2:4"),
+        scorers=("magnitude",),
+        patterns=("global", "2:4"),
         max_length=256,
+        word_max_length=8,
         batch_size=25,
     )
     config.models.smollm2 = model_settings(
@@ -118,9 +126,9 @@ def default_config() -> ml_collections.ConfigDict:
         scorers=("magnitude", "wanda"),
         patterns=("global",),
         lm_length=256,
-        lm_blocks=8,
+        lm_blocks=4,
         batch_size=4,
-        calibration_blocks=8,
+        calibration_blocks=4,
         calibration_length=256,
     )
     return config
@@ -130,16 +138,110 @@ TOP_LEVEL_KEYS = frozenset(default_config().keys())
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-    """`get_config()` of a Python config file (ml_collections style)."""
-    file = Path(path)
+    """`get_config()` of a Python config file; `FILE:ARG` calls `get_config(ARG)` (e.g. tiny)."""
+    file_name, _, argument = path.partition(":")
+    file = Path(file_name)
     if not file.is_file():
-        raise ValueError(f"--config {path}: no such file.")
+        raise ValueError(f"--config {file_name}: no such file.")
     spec = importlib.util.spec_from_file_location(f"es_jax_config_{file.stem}", file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ValueError(f"--config {path}: the file defines no get_config().")
-    return module.get_config()
+    return module.get_config(argument) if argument else module.get_config()
+
+
+# Random tiny models of each family (HF config.json fields), for tests and smoke runs. Text
+# models use the bundled MiniLM tokenizer's vocabulary.
+TINY_MODELS = {
+    "bert": {
+        "model_type": "bert",
+        "vocab_size": 30522,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 128,
+    },
+    "opt": {
+        "model_type": "opt",
+        "vocab_size": 30522,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "ffn_dim": 64,
+        "max_position_embeddings": 128,
+        "word_embed_proj_dim": 32,
+        "do_layer_norm_before": True,
+        "pad_token_id": 0,
+    },
+    "llama": {
+        "model_type": "llama",
+        "vocab_size": 30522,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        "tie_word_embeddings": True,
+    },
+    "vit": {
+        "model_type": "vit",
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "image_size": 32,
+        "patch_size": 8,
+    },
+}
+
+
+def with_variant(
+    config: ml_collections.ConfigDict, variant: str, family_of_entry: dict[str, str]
+) -> ml_collections.ConfigDict:
+    """The config as it is (variant ''), or shrunk to a smoke run (variant 'tiny')."""
+    if variant == "tiny":
+        shrink(config, family_of_entry)
+    elif variant:
+        raise ValueError(f"unknown config variant {variant!r}; use FILE or FILE:tiny.")
+    return config
+
+
+def shrink(config: ml_collections.ConfigDict, family_of_entry: dict[str, str]) -> None:
+    """Turns a paper config into a smoke run (in place): tiny random models, two levels, two
+    training steps, a few examples, the first task and pattern of each model entry, and one
+    entry per distinct (family, model kind, pattern kind)."""
+    config.grid = (0.0, 0.5)
+    config.plot_sparsity = 0.5
+    seen = set()
+    for key, family in family_of_entry.items():
+        settings = config.models[key]
+        kind = (
+            family,
+            task_registry.get(settings.tasks[0]).head,
+            parse_pattern(settings.patterns[0]).is_n_of_m,
+        )
+        if kind in seen:
+            del config.models[key]
+            continue
+        seen.add(kind)
+        settings.tiny = ml_collections.ConfigDict(TINY_MODELS[family])
+        settings.tasks = settings.tasks[:1]
+        settings.patterns = settings.patterns[:1]
+        settings.max_examples = 8
+        settings.max_train_examples = 16
+        settings.batch_size = 4
+        settings.max_length = 32
+        settings.lm_length = 32
+        settings.lm_blocks = 4
+        settings.calibration_blocks = 2
+        settings.calibration_length = 32
+        settings.image_size = 32
+        settings.finetune = ml_collections.ConfigDict(
+            {"total_steps": 2, "batch_size": 4, "num_epochs": 1}
+        )
 
 
 def _parse_value(text: str, current: Any) -> Any:
@@ -179,7 +281,7 @@ def apply_override(config: ml_collections.ConfigDict, dotted: str, text: str) ->
             raise ValueError(f"unknown config key {'.'.join(keys[: i + 1])!r} in --config.{dotted}")
         node = node[key]
     last = keys[-1]
-    free_form = len(keys) >= 2 and keys[-2] == "tiny"
+    free_form = len(keys) >= 2 and keys[-2] in FREE_FORM
     if not isinstance(node, ml_collections.ConfigDict) or (last not in node and not free_form):
         known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
         raise ValueError(f"unknown config key {dotted!r}; known keys here: {known}.")
@@ -281,9 +383,21 @@ def family_name(model_type_name: str) -> str:
     return hub.family_for(model_type_name).__name__.rsplit(".", 1)[-1]
 
 
-def zero_shot_tasks() -> list[str]:
-    """Names of the tasks that need no fine-tuning."""
-    return [task.name for task in task_registry.TASKS.values() if task.protocol == "zero_shot"]
+def paper_task(task_name: str) -> str:
+    """The key of a fine-tune task in the paper's Table 1 (mnli, squad, cifar10, ...)."""
+    if task_name.startswith("glue/"):
+        return task_name.split("/", 1)[1]
+    return task_name.split("/", 1)[0]
+
+
+def finetune_config(task_name: str, settings: Any) -> Any:
+    """The paper's fine-tuning settings for a task, with the model entry's overrides."""
+    from es_jax.train import finetune
+
+    overrides = settings.finetune.to_dict()
+    if overrides.get("total_steps") == 0:
+        overrides["total_steps"] = None
+    return finetune.finetune_config(paper_task(task_name), **overrides)
 
 
 def validate(config: ml_collections.ConfigDict) -> dict[str, str]:
@@ -321,12 +435,8 @@ def validate(config: ml_collections.ConfigDict) -> dict[str, str]:
         family = family_name(model_type(settings))
         for task_name in settings.tasks:
             task = task_registry.get(task_name)
-            if task.protocol != "zero_shot":
-                raise ValueError(
-                    f"models.{key}: task {task_name!r} needs fine-tuning, which this sweep build "
-                    "does not run; use a zero-shot task "
-                    f"({zero_shot_tasks()})."
-                )
+            if task.protocol == "finetune":
+                finetune_config(task_name, settings)
             if family not in HEAD_FAMILIES[task.head]:
                 raise ValueError(
                     f"models.{key}: task {task_name!r} needs a model of kind {task.head!r} "
@@ -334,6 +444,12 @@ def validate(config: ml_collections.ConfigDict) -> dict[str, str]:
                     f"a {family} model."
                 )
         heads = {task_registry.get(t).head for t in settings.tasks}
+        protocols = {task_registry.get(t).protocol for t in settings.tasks}
+        if len(protocols) > 1:
+            raise ValueError(
+                f"models.{key}: tasks {list(settings.tasks)} mix zero-shot and fine-tune tasks;"
+                " split them into two model entries."
+            )
         if len(heads) > 1:
             raise ValueError(
                 f"models.{key}: tasks {list(settings.tasks)} need different heads {sorted(heads)};"
@@ -525,8 +641,13 @@ def task_settings(config: Any, settings: Any) -> task_registry.TaskSettings:
     )
 
 
-def load_model(settings: Any, head: str, seed: int) -> tuple[Any, Any]:
-    """(model, tokenizer): the named checkpoint, or a random tiny model of `settings.tiny`."""
+def load_model(
+    settings: Any, head: str, seed: int, num_labels: int | None = None
+) -> tuple[Any, Any]:
+    """(model, tokenizer): the named checkpoint, or a random tiny model of `settings.tiny`.
+
+    A new head (classification, QA) is initialised from `seed`, the same at every level.
+    """
     from flax import nnx
 
     from es_jax import models
@@ -534,11 +655,15 @@ def load_model(settings: Any, head: str, seed: int) -> tuple[Any, Any]:
 
     task = HEAD_TASK[head]
     if not len(settings.tiny):
-        return models.load(settings.name, task=task, seed=seed)
+        return models.load(settings.name, task=task, num_labels=num_labels, seed=seed)
     hf_config = settings.tiny.to_dict()
     family = hub.family_for(hf_config["model_type"])
-    model = family.build(family.config_from_hf(hf_config), task, rngs=nnx.Rngs(seed))
+    model = family.build(
+        family.config_from_hf(hf_config), task, rngs=nnx.Rngs(seed), num_labels=num_labels or 2
+    )
     model.eval()
+    if family.__name__.endswith(".vit"):
+        return model, None
     tokenizer = hub.read_tokenizer(hub.resolve(settings.tokenizer, None))
     return model, tokenizer
 
@@ -609,7 +734,7 @@ def pattern_levels(pattern: Pattern, grid: Sequence[float]) -> list[float]:
 
 @dataclass
 class ModelRun:
-    """One loaded model with its evaluators, parameters and target selector."""
+    """One loaded model with its evaluators, parameters, target selector and level scoring."""
 
     key: str
     model: Any
@@ -617,20 +742,73 @@ class ModelRun:
     params: Any
     where: str
     evaluators: dict[str, Evaluator]
+    # value(task, pruned params, mask or None for dense) -> metric; fine-tunes first if needed
+    value: Callable[[str, Any, Any], float]
 
 
-def prepare(key: str, settings: Any, config: Any) -> ModelRun:
-    """Loads a model and builds one evaluator per task (tokenised once)."""
+def prepare(key: str, settings: Any, config: Any, task_names: Sequence[str]) -> ModelRun:
+    """Loads a model and builds one evaluator per task (data tokenised once)."""
     from es_jax import models
 
-    head = task_registry.get(settings.tasks[0]).head
+    if task_registry.get(task_names[0]).protocol == "finetune":
+        return prepare_finetune(key, settings, config, task_names[0])
+    head = task_registry.get(task_names[0]).head
     model, tokenizer = load_model(settings, head, config.seed)
     built = {
         name: task_registry.build_zero_shot(name, model, tokenizer, task_settings(config, settings))
-        for name in settings.tasks
+        for name in task_names
     }
     _, params, _ = split_params(model)
-    return ModelRun(key, model, tokenizer, params, models.prunable(model), built)
+
+    def value(name: str, pruned: Any, mask: Any) -> float:
+        return built[name](pruned)
+
+    return ModelRun(key, model, tokenizer, params, models.prunable(model), built, value)
+
+
+def prepare_finetune(key: str, settings: Any, config: Any, task_name: str) -> ModelRun:
+    """A fine-tune task: every level fine-tunes the pre-trained model with its mask fixed.
+
+    The pre-trained weights, the new head's initialisation, the dropout stream and the data
+    order are the same at every level (es_jax.train.finetune); only the mask differs.
+    """
+    from flax import nnx
+
+    from es_jax import models
+    from es_jax.train import finetune
+
+    task = task_registry.get(task_name)
+    ft_config = finetune_config(task_name, settings)
+    model, tokenizer = load_model(
+        settings, task.head, config.seed, task_registry.num_labels(task_name)
+    )
+    data = task_registry.build_finetune(
+        task_name,
+        model,
+        tokenizer,
+        task_registry.FinetuneSettings(
+            data_dir=config.data_dir,
+            seed=config.seed,
+            batch_size=settings.batch_size,
+            train_batch_size=ft_config.batch_size,
+            num_epochs=ft_config.num_epochs,
+            max_length=settings.max_length,
+            max_examples=settings.max_examples,
+            max_train_examples=settings.max_train_examples,
+            doc_stride=settings.doc_stride,
+            image_size=settings.image_size,
+        ),
+    )
+    graphdef, params, rest = split_params(model)
+
+    def value(name: str, pruned: Any, mask: Any) -> float:
+        trained, _ = finetune.finetune(
+            lambda rngs: nnx.merge(graphdef, params, rest), mask, data.train, ft_config, config.seed
+        )
+        return data.evaluator(nnx.state(trained, nnx.Param))
+
+    evaluators = {task_name: data.evaluator}
+    return ModelRun(key, model, tokenizer, params, models.prunable(model), evaluators, value)
 
 
 def measured(params: Any, where: str) -> tuple[float, float]:
@@ -669,10 +847,16 @@ def refinement_of(record: dict, pattern: Pattern, config: Any) -> list[float]:
     return essential.refinement_levels(config.grid, found, config.refine)
 
 
-def model_is_done(store: ResultsStore, key: str, settings: Any, config: Any) -> bool:
-    """True when every level (refinements included) of every run of this model is stored."""
+def model_is_done(
+    store: ResultsStore,
+    key: str,
+    settings: Any,
+    config: Any,
+    task_names: Sequence[str] | None = None,
+) -> bool:
+    """True when every level (refinements included) of these tasks' runs is stored."""
     stamp = fingerprint(key, settings, config)
-    for task_name in settings.tasks:
+    for task_name in settings.tasks if task_names is None else task_names:
         for scorer in settings.scorers:
             for pattern_text in settings.patterns:
                 pattern = parse_pattern(pattern_text)
@@ -711,7 +895,7 @@ def evaluate_levels(context: LevelContext, masks: Sequence[Any], todo: dict[floa
                     "sparsity": sparsity,
                     "measured_sparsity": target_sparsity,
                     "model_sparsity": model_sparsity,
-                    "value": prepared.evaluators[name](pruned),
+                    "value": prepared.value(name, pruned, mask),
                 }
             )
             context.store.save()
@@ -723,7 +907,7 @@ def dense_values(
 ) -> dict[str, float]:
     """The dense metric of every task (reused from any stored run with the same fingerprint)."""
     values = {}
-    for name, evaluator in prepared.evaluators.items():
+    for name in prepared.evaluators:
         cached = [
             record["dense"]
             for p in settings.patterns
@@ -733,7 +917,7 @@ def dense_values(
             and record["dense"] is not None
         ]
         bar.set_description(f"{prepared.key}/{name} dense")
-        values[name] = cached[0] if cached else evaluator(prepared.params)
+        values[name] = cached[0] if cached else prepared.value(name, prepared.params, None)
         bar.update(1)
     return values
 
@@ -777,15 +961,33 @@ def plot_level(config: Any) -> float:
 def sweep_model(
     key: str, settings: Any, config: Any, store: ResultsStore, bar: tqdm, workdir: Path
 ) -> None:
-    """All runs of one model: dense, then every scorer x pattern x level x task."""
+    """All runs of one model: zero-shot tasks share one load; each fine-tune task has its own."""
+    zero_shot = task_registry.get(settings.tasks[0]).protocol == "zero_shot"
+    groups = [tuple(settings.tasks)] if zero_shot else [(task,) for task in settings.tasks]
+    for i, task_names in enumerate(groups):
+        if model_is_done(store, key, settings, config, task_names):
+            continue
+        prepared = prepare(key, settings, config, task_names)
+        sweep_prepared(prepared, settings, config, store, bar, workdir if i == 0 else None)
+
+
+def sweep_prepared(
+    prepared: ModelRun,
+    settings: Any,
+    config: Any,
+    store: ResultsStore,
+    bar: tqdm,
+    plot_dir: Path | None,
+) -> None:
+    """Dense, then every scorer x pattern x level of the prepared tasks; mask plots if asked."""
     from es_jax import pruning
 
+    key = prepared.key
     stamp = fingerprint(key, settings, config)
-    prepared = prepare(key, settings, config)
     dense_sparsity = measured(prepared.params, prepared.where)
     dense = dense_values(prepared, settings, store, stamp, bar)
     apply = jax.jit(pruning.apply)
-    plot_scorer, plotted = settings.scorers[0], False
+    plot_scorer, plotted = settings.scorers[0], plot_dir is None
     for scorer in settings.scorers:
         bar.set_description(f"{key} {scorer} scores")
         scores = scores_of(
@@ -805,10 +1007,10 @@ def sweep_model(
             context = LevelContext(prepared, records, store, bar, apply, f"{pattern_text}/{scorer}")
             todo = missing_levels(records, pattern_levels(pattern, config.grid))
             masks = masks_of(scores, pattern, list(todo))
-            if scorer == plot_scorer and pattern.name == "global" and plot_level(config) in todo:
-                plot_masks(
-                    prepared, masks[list(todo).index(plot_level(config))], scorer, config, workdir
-                )
+            wanted = not plotted and scorer == plot_scorer and pattern.name == "global"
+            if wanted and plot_level(config) in todo:
+                level_mask = masks[list(todo).index(plot_level(config))]
+                plot_masks(prepared, level_mask, scorer, config, plot_dir)
                 plotted = True
             evaluate_levels(context, masks, todo)
             del masks
@@ -818,7 +1020,8 @@ def sweep_model(
             evaluate_levels(context, masks_of(scores, pattern, list(todo)), todo)
         if scorer == plot_scorer and not plotted:
             (mask,) = masks_of(scores, Pattern("global"), [plot_level(config)])
-            plot_masks(prepared, mask, scorer, config, workdir)
+            plot_masks(prepared, mask, scorer, config, plot_dir)
+            plotted = True
         del scores
     for name, evaluator in prepared.evaluators.items():
         store.compilations[f"{key}/{name}"] = evaluator.compilations()

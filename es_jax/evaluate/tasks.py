@@ -205,3 +205,195 @@ def build_zero_shot(
 ) -> evaluators.Evaluator:
     """The evaluator of a zero-shot task on this model."""
     return ZERO_SHOT_BUILDERS[get(name).name](model, tokenizer, settings)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tune tasks: training batches and an evaluator on the held-out split.
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """Data settings of the fine-tune task builders."""
+
+    data_dir: str = ""
+    seed: int = 0
+    batch_size: int = 32  # evaluation batch size
+    train_batch_size: int = 32
+    num_epochs: int = 3
+    max_length: int = 128
+    max_examples: int = 0  # keep the first N evaluation examples (0 = all)
+    max_train_examples: int = 0  # keep the first N training examples (0 = all)
+    doc_stride: int = 128  # SQuAD
+    image_size: int = 224  # vision: images are resized to this square size
+
+
+@dataclass(frozen=True)
+class FinetuneData:
+    """What one fine-tune task needs at every level: training batches and an evaluator."""
+
+    train: Any  # a sized iterable of batches (grain.MapDataset), re-iterated from its start
+    evaluator: evaluators.Evaluator
+
+
+IMAGE_CLASSES = {"cifar10": 10, "cifar100": 100}
+
+
+def num_labels(name: str) -> int | None:
+    """Classes of a fine-tune classification task (None for SQuAD)."""
+    from es_jax.data import tasks as data_tasks
+
+    if name in IMAGE_CLASSES:
+        return IMAGE_CLASSES[name]
+    if name.startswith("glue/"):
+        return data_tasks.classification_task(name.split("/", 1)[1]).num_labels
+    return None
+
+
+def _first(records: Any, limit: int) -> list:
+    """The first `limit` records of a random-access source (all when limit <= 0)."""
+    count = len(records) if limit <= 0 else min(limit, len(records))
+    return [records[i] for i in range(count)]
+
+
+def _eval_batches(dataset: Any) -> list[dict[str, np.ndarray]]:
+    """A finite evaluation dataset as a list of batches."""
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def build_glue(name: str, model: nnx.Module, tokenizer: Any, s: FinetuneSettings) -> FinetuneData:
+    """GLUE: shuffled training batches and accuracy on the evaluation split."""
+    from es_jax import data
+    from es_jax.data import tasks as data_tasks
+
+    short = name.split("/", 1)[1]
+    spec = data_tasks.classification_task(short)
+    data_dir = s.data_dir or None
+    train_records = _first(data.source(spec.dataset, "train", data_dir), s.max_train_examples)
+    eval_records = _first(data.source(spec.dataset, spec.eval_split, data_dir), s.max_examples)
+    train = data_tasks.classification_batches(
+        train_records,
+        spec,
+        tokenizer,
+        s.max_length,
+        s.train_batch_size,
+        train=True,
+        seed=s.seed,
+        num_epochs=s.num_epochs,
+    )
+    batches = _eval_batches(
+        data_tasks.classification_batches(
+            eval_records, spec, tokenizer, s.max_length, s.batch_size, train=False
+        )
+    )
+    return FinetuneData(train, evaluators.classification(model, batches, task=name))
+
+
+def build_squad(name: str, model: nnx.Module, tokenizer: Any, s: FinetuneSettings) -> FinetuneData:
+    """SQuAD v1.1: span features with a document stride; F1 of the best span per question."""
+    from es_jax import data
+    from es_jax.data import tasks as data_tasks
+
+    data_dir = s.data_dir or None
+    train_records = _first(data.source(name, "train", data_dir), s.max_train_examples)
+    eval_records = _first(data.source(name, "validation", data_dir), s.max_examples)
+    stride = min(s.doc_stride, s.max_length // 2)
+    train_features = data_tasks.squad_features(
+        train_records, tokenizer, s.max_length, stride, train=True
+    )
+    train = data_tasks.feature_batches(
+        train_features, s.train_batch_size, train=True, seed=s.seed, num_epochs=s.num_epochs
+    )
+    features = data_tasks.squad_features(eval_records, tokenizer, s.max_length, stride, train=False)
+    batches = _eval_batches(data_tasks.feature_batches(features, s.batch_size, train=False))
+    contexts = [_text(r["context"]) for r in eval_records]
+    rows = [
+        {
+            "example_id": int(example),
+            "context": contexts[example],
+            "offsets": features["offsets"][row],
+            "context_mask": features["offsets"][row, :, 0] >= 0,
+        }
+        for row, example in enumerate(features["example_index"])
+    ]
+    answers = {
+        i: [_text(t) for t in np.asarray(r["answers"]["text"]).ravel()]
+        for i, r in enumerate(eval_records)
+    }
+    return FinetuneData(train, evaluators.question_answering(model, batches, rows, answers, name))
+
+
+def _text(value: str | bytes) -> str:
+    """A tfds Text feature as `str`."""
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def encode_images(rows: list[dict], batch_size: int, image_size: int) -> dict[str, np.ndarray]:
+    """NHWC float32 pixels scaled to [-1, 1] and resized, int32 `label`, padded with weights."""
+    import jax
+
+    images = np.stack([np.asarray(r["image"]) for r in rows]).astype(np.float32)
+    images = images / 127.5 - 1.0
+    if images.shape[1:3] != (image_size, image_size):
+        shape = (len(rows), image_size, image_size, images.shape[-1])
+        images = np.asarray(jax.image.resize(images, shape, method="bilinear"))
+    pixels = np.zeros((batch_size, image_size, image_size, images.shape[-1]), np.float32)
+    pixels[: len(rows)] = images
+    labels = np.zeros(batch_size, np.int32)
+    labels[: len(rows)] = [int(r["label"]) for r in rows]
+    weights = (np.arange(batch_size) < len(rows)).astype(np.float32)
+    return {"pixel_values": pixels, "label": labels, "weights": weights}
+
+
+def image_batches(
+    records: list[dict],
+    batch_size: int,
+    image_size: int,
+    *,
+    train: bool,
+    seed: int = 0,
+    num_epochs: int = 1,
+) -> Any:
+    """Image classification batches: shuffled full batches to train, source order to evaluate."""
+    import grain
+
+    if not records:
+        raise ValueError("image_batches got no records; the split is empty after filtering.")
+    dataset = grain.MapDataset.source(records)
+    if train:
+        dataset = dataset.shuffle(seed=seed).repeat(num_epochs)
+    dataset = dataset.batch(batch_size, drop_remainder=train, batch_fn=list)
+    return dataset.map(lambda rows: encode_images(rows, batch_size, image_size))
+
+
+def build_cifar(name: str, model: nnx.Module, tokenizer: Any, s: FinetuneSettings) -> FinetuneData:
+    """CIFAR-10/100: the first 45,000 train images to train (the paper's split), test accuracy."""
+    from es_jax import data
+
+    data_dir = s.data_dir or None
+    limit = 45_000 if s.max_train_examples <= 0 else min(s.max_train_examples, 45_000)
+    train_records = _first(data.source(name, "train", data_dir), limit)
+    eval_records = _first(data.source(name, "test", data_dir), s.max_examples)
+    train = image_batches(
+        train_records,
+        s.train_batch_size,
+        s.image_size,
+        train=True,
+        seed=s.seed,
+        num_epochs=s.num_epochs,
+    )
+    batches = _eval_batches(image_batches(eval_records, s.batch_size, s.image_size, train=False))
+    return FinetuneData(train, evaluators.classification(model, batches, task=name))
+
+
+def build_finetune(
+    name: str, model: nnx.Module, tokenizer: Any, settings: FinetuneSettings
+) -> FinetuneData:
+    """Training batches and evaluator of a fine-tune task."""
+    task = get(name)
+    if task.protocol != "finetune":
+        raise ValueError(f"task {name!r} is zero-shot; it has no fine-tuning data.")
+    if name.startswith("glue/"):
+        return build_glue(name, model, tokenizer, settings)
+    if name.startswith("squad"):
+        return build_squad(name, model, tokenizer, settings)
+    return build_cifar(name, model, tokenizer, settings)

@@ -168,7 +168,7 @@ def test_classification_accuracy_matches_argmax():
     batches = batches_of(ids, 3)
     for i, b in enumerate(batches):
         chunk = labels[3 * i : 3 * i + 3]
-        b["labels"] = np.concatenate([chunk, np.zeros(3 - len(chunk), np.int64)])
+        b["label"] = np.concatenate([chunk, np.zeros(3 - len(chunk), np.int64)])
     evaluator = evaluators.classification(model, batches, task="toy")
     _, params, _ = evaluators.split_params(model)
     assert evaluator(params) == pytest.approx(100 * 4 / 7)

@@ -1,0 +1,30 @@
+"""es-jax sweep --config configs/vicuna_perplexity.py --workdir runs/vicuna_perplexity
+
+Vicuna-7B pruned zero-shot (no fine-tuning), as in the paper's section 7: one-shot magnitude and
+Wanda pruning of q, k, v, o, gate, up and down of every layer at 0-90%, scored by perplexity on a
+fixed Wikipedia text (64 blocks of 1,024 tokens). The paper's Figure 11 uses MMLU, whose data is
+not available offline; perplexity stands in for it here. Needs the hub checkpoint and an
+accelerator with about 30 GB of memory. Smoke run: `--config configs/vicuna_perplexity.py:tiny`.
+"""
+
+import ml_collections
+
+from es_jax.evaluate import sweep
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+    """The experiment's config; variant 'tiny' for a smoke run."""
+    config = sweep.default_config()
+    config.models = ml_collections.ConfigDict()
+    config.models.vicuna_7b = sweep.model_settings(
+        name="lmsys/vicuna-7b-v1.3",
+        tasks=("wikitext",),
+        scorers=("magnitude", "wanda"),
+        patterns=("global", "2:4"),
+        lm_length=1024,
+        lm_blocks=64,
+        batch_size=4,
+        calibration_blocks=32,
+        calibration_length=1024,
+    )
+    return sweep.with_variant(config, variant, {"vicuna_7b": "llama"})
