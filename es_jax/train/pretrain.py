@@ -413,7 +413,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     }
     if jax.process_index() == 0:
         (workdir / "results.json").write_text(json.dumps(summary, indent=2))
+        plot_loss(workdir)
     return summary
+
+
+def plot_loss(workdir: Path) -> None:
+    """Writes `loss.png`: the MLM loss against step, from the run's training log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    log = workdir / "train_log.jsonl"
+    lines = log.read_text().splitlines() if log.exists() else []
+    records = sorted({r["step"]: r for r in map(json.loads, filter(None, lines))}.values(),
+                     key=lambda r: r["step"])
+    if not records:
+        return
+    figure, axis = plt.subplots(figsize=(5.5, 3.5))
+    axis.plot([r["step"] for r in records], [r["loss"] for r in records], marker=".")
+    axis.set_xlabel("step")
+    axis.set_ylabel("MLM loss")
+    axis.set_title(workdir.name)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(workdir / "loss.png", dpi=110)
+    plt.close(figure)
 
 
 def _progress(start: int, total: int):

@@ -133,6 +133,15 @@ def test_replicated_and_fsdp_training_agree_across_eight_devices(smoke_config):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
+def test_bfloat16_compute_keeps_float32_weights(smoke_config):
+    config = smoke_config.copy_and_resolve_references()
+    with config.unlocked():
+        config.compute_dtype = "bfloat16"
+    state, losses = train_two_steps(config, fsdp=False)
+    assert all(np.isfinite(losses))
+    assert {leaf.dtype for leaf in jax.tree.leaves(state["params"])} == {jnp.dtype("float32")}
+
+
 def test_decay_spares_biases_and_norms():
     params = {"dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}, "norm": jnp.ones(3)}
     assert pretrain.decays(params) == {"dense": {"kernel": True, "bias": False}, "norm": False}

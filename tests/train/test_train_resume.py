@@ -1,5 +1,6 @@
 """Pre-training resumes exactly after SIGKILL or a corrupt checkpoint, and refuses other configs."""
 
+import fcntl
 import os
 import shutil
 import signal
@@ -41,15 +42,23 @@ def assert_bitwise_equal(left: dict, right: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[Path, dict]:
-    """An uninterrupted smoke run (in this process: same devices and flags as the subprocesses)."""
-    workdir = tmp_path_factory.mktemp("reference")
-    config, _ = pretrain.parse_flags(["--config", SMOKE, "--workdir", str(workdir)])
-    pretrain.train_and_evaluate(config, workdir)
+def reference(tmp_path_factory, worker_id) -> tuple[Path, dict]:
+    """An uninterrupted smoke run, made once per test session even under pytest-xdist.
+
+    It runs in this process: same devices and flags as the subprocesses.
+    """
+    root = tmp_path_factory.getbasetemp()
+    root = root if worker_id == "master" else root.parent  # shared by the xdist workers
+    workdir = root / "pretrain_smoke_reference"
+    with open(root / "pretrain_smoke_reference.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (workdir / "results.json").exists():
+            config, _ = pretrain.parse_flags(["--config", SMOKE, "--workdir", str(workdir)])
+            pretrain.train_and_evaluate(config, workdir)
     return workdir, final_state(workdir)
 
 
-def wait_for(predicate, process: subprocess.Popen, timeout: float = 120.0) -> None:
+def wait_for(predicate, process: subprocess.Popen, timeout: float = 900.0) -> None:
     """Polls until `predicate()` holds; fails if the process ends or time runs out first."""
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -108,6 +117,7 @@ def test_corrupt_checkpoint_is_skipped_with_a_warning(reference, tmp_path):
     with pytest.warns(UserWarning, match=rf"checkpoints/{TOTAL_STEPS}\b.*could not be read"):
         summary = pretrain.train_and_evaluate(config, workdir)
     assert summary["resumed_from"] == 20
+    assert (workdir / "loss.png").stat().st_size > 0
     assert (workdir / checkpointing.CORRUPT_DIR / str(TOTAL_STEPS)).exists()
     assert_bitwise_equal(final_state(workdir), expected)
 
