@@ -65,7 +65,14 @@ def open_manager(directory: str | Path, async_save: bool = True) -> ocp.Checkpoi
         cleanup_tmp_directories=True,
         create=True,
     )
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+    return ocp.CheckpointManager(
+        Path(directory).absolute(),
+        options=options,
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "data": grain_checkpoint.CheckpointHandler(),
+        },
+    )
 
 
 def save(
@@ -114,6 +121,27 @@ def quarantine(manager: ocp.CheckpointManager, step: int, reason: str) -> Path:
     return target
 
 
+def _layout(tree: Any) -> list[tuple[str, tuple[int, ...]]]:
+    """(key path, shape) of every leaf of a train state or of its checkpoint metadata."""
+    def name(key: Any) -> str:
+        for attribute in ("key", "idx", "name"):
+            if hasattr(key, attribute):
+                return str(getattr(key, attribute))
+        return str(key)
+
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return [("/".join(map(name, path)), tuple(leaf.shape)) for path, leaf in leaves]
+
+
+def saved_layout(manager: ocp.CheckpointManager, step: int) -> list | None:
+    """The layout recorded in a checkpoint's metadata, or None where that cannot be read."""
+    try:
+        metadata = manager.item_metadata(step)["state"]
+        return _layout(metadata.tree if hasattr(metadata, "tree") else metadata)
+    except Exception:  # unreadable metadata: the checkpoint is corrupt, not of another model
+        return None
+
+
 def restore_latest(
     manager: ocp.CheckpointManager, abstract_state: Any
 ) -> tuple[int, Any, dict[str, Any]] | None:
@@ -121,7 +149,15 @@ def restore_latest(
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             state, data_state = _restore_step(manager, step, abstract_state)
-        except Exception as error:
+        except Exception as error:  # any unreadable step is skipped, never fatal...
+            layout = saved_layout(manager, step)
+            if layout is not None and layout != _layout(abstract_state):
+                # ...unless it is readable but of another model: that is a config error.
+                raise ValueError(
+                    f"Checkpoint {Path(manager.directory) / str(step)} holds a train state of "
+                    "another shape or structure than this config builds; it was written with "
+                    "another config. Use another --workdir for this config."
+                ) from error
             quarantine(manager, step, f"{type(error).__name__}: {str(error)[:200]}")
             manager.reload()
             continue

@@ -132,3 +132,16 @@ def test_other_config_in_existing_workdir_is_refused(reference, tmp_path):
         pretrain.train_and_evaluate(config, workdir)
     forced, _ = pretrain.parse_flags([*changed, "--force"])
     assert pretrain.train_and_evaluate(forced, workdir)["resumed_from"] == TOTAL_STEPS
+
+
+def test_forced_config_of_another_model_keeps_the_checkpoints(reference, tmp_path):
+    source, _ = reference
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
+    other_model = ["--config", SMOKE, "--workdir", str(workdir), "--config.model.hidden_size=16",
+                   "--force"]
+    config, _ = pretrain.parse_flags(other_model)
+    with pytest.raises(ValueError, match="another shape or structure"):
+        pretrain.train_and_evaluate(config, workdir)
+    assert not (workdir / checkpointing.CORRUPT_DIR).exists()
+    assert (workdir / checkpointing.CHECKPOINT_DIR / str(TOTAL_STEPS)).exists()
