@@ -64,16 +64,18 @@ def unstructured(scores: PyTree, sparsity: Sparsity,
     _, leaves, treedef = _score_leaves(scores)
     targets = [i for i, leaf in enumerate(leaves) if leaf is not None]
     arrays = [jnp.asarray(leaves[i]) for i in targets]
+    ascending = sorted(levels)
     if scope == "global":
         total = sum(a.size for a in arrays)
-        per_level = kept_masks(arrays, [round(s * total) for s in levels])
+        per_level = kept_masks(arrays, [round(s * total) for s in ascending])
     elif scope == "layerwise":
-        per_leaf = [kept_masks([a], [round(s * a.size) for s in levels]) for a in arrays]
+        per_leaf = [kept_masks([a], [round(s * a.size) for s in ascending]) for a in arrays]
         per_level = [[leaf_levels[level][0] for leaf_levels in per_leaf]
                      for level in range(len(levels))]
     else:
         raise ValueError(f"scope must be 'global' or 'layerwise', got {scope!r}")
-    masks = [_assemble(treedef, leaves, targets, kept) for kept in per_level]
+    by_level = dict(zip(ascending, per_level, strict=True))
+    masks = [_assemble(treedef, leaves, targets, by_level[s]) for s in levels]
     return masks[0] if single else masks
 
 

@@ -50,13 +50,18 @@ def count_dtype(total: int) -> jnp.dtype:
 
 
 def _sample(keys: Sequence[Array], sample_size: int) -> Array:
-    """A sorted random sample of the keys, each array sampled in proportion to its size."""
+    """A sorted sample of the keys, each array sampled in proportion to its size.
+
+    Positions follow a golden-ratio (Weyl) sequence over the flat index: spread evenly, cheap to
+    compile, and deterministic; a poor sample costs speed, never exactness.
+    """
     total = sum(k.size for k in keys)
     parts = []
     for index, leaf_keys in enumerate(keys):
         count = max(1, round(sample_size * leaf_keys.size / total))
-        rng = jax.random.fold_in(jax.random.PRNGKey(0), index)
-        positions = jax.random.randint(rng, (count,), 0, leaf_keys.size)
+        steps = jnp.arange(count, dtype=jnp.uint32) + jnp.uint32(index * 7919)
+        fraction = (steps * jnp.uint32(0x9E3779B9)).astype(jnp.float32) * (1.0 / 2**32)
+        positions = jnp.minimum((fraction * leaf_keys.size).astype(jnp.int32), leaf_keys.size - 1)
         parts.append(leaf_keys.reshape(-1)[positions])
     return jnp.sort(jnp.concatenate(parts))
 
@@ -70,10 +75,11 @@ def _disjoint(starts: Array) -> Array:
     return jnp.stack(out)
 
 
-def _window_starts(sample: Array, total: int, ks: Sequence[int]) -> Array:
+def _window_starts(sample: Array, total: int, ks: Array) -> Array:
     """One window of keys per k, centred on the sample's estimate of the k-th key."""
     m = sample.size
-    estimates = jnp.stack([sample[min(m - 1, max(0, round(k / total * m) - 1))] for k in ks])
+    rank = jnp.round(ks.astype(jnp.float32) * (m / total)).astype(jnp.int32) - 1
+    estimates = sample[jnp.clip(rank, 0, m - 1)]
     starts = jnp.maximum(estimates, WINDOW // 2) - WINDOW // 2
     return _disjoint(jnp.minimum(starts, _TOP))
 
@@ -86,19 +92,14 @@ def _windowed_histogram(keys: Sequence[Array], starts: Array, dtype: jnp.dtype) 
     levels = starts.shape[0]
     hist = jnp.zeros((levels * (WINDOW + 1) + 1,), dtype)
     for leaf_keys in keys:
-        # The barrier orders the leaves, so one leaf's bin indices are alive at a time.
-        flat, hist = lax.optimization_barrier((leaf_keys.reshape(-1), hist))
-        windows_started = jnp.zeros(flat.shape, jnp.int32)
-        last_start = jnp.zeros(flat.shape, jnp.uint32)
+        flat = leaf_keys.reshape(-1)
+        index = jnp.zeros(flat.shape, jnp.int32)
         for level in range(levels):
-            started = flat >= starts[level]
-            windows_started += started.astype(jnp.int32)
-            last_start = jnp.where(started, starts[level], last_start)
-        offset = flat - last_start
-        inside = (windows_started > 0) & (offset < WINDOW)
-        gap_bin = windows_started * (WINDOW + 1)
-        window_bin = (windows_started - 1) * (WINDOW + 1) + 1 + offset.astype(jnp.int32)
-        hist = hist.at[jnp.where(inside, window_bin, gap_bin)].add(jnp.ones((), dtype))
+            offset = flat - starts[level]
+            in_window = level * (WINDOW + 1) + 1 + jnp.minimum(offset, WINDOW).astype(jnp.int32)
+            index = jnp.where(flat >= starts[level], in_window, index)
+        # Bins are in range by construction; promising so skips XLA's per-update bounds handling.
+        hist = hist.at[index].add(jnp.ones((), dtype), mode="promise_in_bounds")
     return hist
 
 
@@ -114,12 +115,11 @@ def _windowed_kth(hist: Array, starts: Array, k: Array) -> tuple[Array, ...]:
 
 
 def _block_histogram(keys: Sequence[Array], dtype: jnp.dtype) -> Array:
-    """One pass: counts of keys per block of BLOCK_SIZE consecutive keys."""
+    """One pass: counts of keys per block of 2**BLOCK_BITS consecutive keys."""
     hist = jnp.zeros((NUM_BLOCKS,), dtype)
     for leaf_keys in keys:
-        flat, hist = lax.optimization_barrier((leaf_keys.reshape(-1), hist))
-        hist = hist.at[(flat >> BLOCK_BITS).astype(jnp.int32)].add(
-            jnp.ones((), dtype))
+        block = (leaf_keys.reshape(-1) >> BLOCK_BITS).astype(jnp.int32)
+        hist = hist.at[block].add(jnp.ones((), dtype), mode="promise_in_bounds")
     return hist
 
 
@@ -133,16 +133,14 @@ def _radix_kth(keys: Sequence[Array], k_array: Array, dtype: jnp.dtype) -> tuple
     return key, below, equal
 
 
-def kth_keys(keys: Sequence[Array], ks: Sequence[int]) -> tuple[Array, Array, Array]:
+def kth_keys(keys: Sequence[Array], ks: Array) -> tuple[Array, Array, Array]:
     """For ascending ks (1 <= k <= size): the k-th key, the count below it, the count equal."""
     total = sum(k.size for k in keys)
-    dtype = count_dtype(total)
-    k_array = jnp.asarray(list(ks), dtype)
     starts = _window_starts(_sample(keys, min(SAMPLE_SIZE, 4 * total)), total, ks)
-    hist = _windowed_histogram(keys, starts, dtype)
-    found, key, below, equal = jax.vmap(lambda k: _windowed_kth(hist, starts, k))(k_array)
+    hist = _windowed_histogram(keys, starts, ks.dtype)
+    found, key, below, equal = jax.vmap(lambda k: _windowed_kth(hist, starts, k))(ks)
     return lax.cond(jnp.all(found), lambda: (key, below, equal),
-                    lambda: _radix_kth(keys, k_array, dtype))
+                    lambda: _radix_kth(keys, ks, ks.dtype))
 
 
 def _remove_tied(kept: list[Array], keys: Sequence[Array], threshold: Array,
@@ -170,26 +168,36 @@ def _remove_tied(kept: list[Array], keys: Sequence[Array], threshold: Array,
     return [leaf_mask(m, k, q, t) for m, k, q, t in zip(kept, keys, quotas, per_leaf, strict=True)]
 
 
+@jax.jit
+def _kept_masks(scores: list[Array], counts: Array) -> list[list[Array]]:
+    """Jitted body of `kept_masks`: one compilation per layout and number of levels."""
+    keys = [sortable_keys(s) for s in scores]
+    thresholds, below, equal = kth_keys(keys, jnp.maximum(counts, 1))
+
+    def level_masks(level: tuple[Array, ...]) -> list[Array]:
+        threshold, count, below, equal = level
+        ties_to_remove = jnp.maximum(count, 1) - below
+        all_ties_go = ties_to_remove >= equal
+        kept = [(k > threshold) | ((k == threshold) & ~all_ties_go) for k in keys]
+        kept = lax.cond(all_ties_go, lambda kept, *_: kept,
+                        lambda kept, threshold, ties: _remove_tied(kept, keys, threshold, ties),
+                        kept, threshold, ties_to_remove)
+        return [mask | (count == 0) for mask in kept]
+
+    # One loop body for all levels keeps the compiled program the size of a single level's.
+    stacked = lax.map(level_masks, (thresholds, counts, below, equal))
+    return [[leaf[level] for leaf in stacked] for level in range(counts.shape[0])]
+
+
 def kept_masks(scores: Sequence[Array], counts_to_remove: Sequence[int]) -> list[list[Array]]:
     """Bool kept-masks (one list of per-array masks per count) removing the lowest scores.
 
-    `counts_to_remove` must be ascending; a count of 0 keeps everything.
+    Counts must be ascending, between 0 (keep everything) and the total size.
     """
-    keys = [sortable_keys(s) for s in scores]
-    total = sum(k.size for k in keys)
-    dtype = count_dtype(total)
-    results = [[jnp.ones(s.shape, bool) for s in scores] for _ in counts_to_remove]
-    active = [i for i, k in enumerate(counts_to_remove) if k > 0]
-    if not active:
-        return results
-    thresholds, below, equal = kth_keys(keys, [counts_to_remove[i] for i in active])
-    for position, level in enumerate(active):
-        threshold = thresholds[position]
-        ties_to_remove = jnp.asarray(counts_to_remove[level], dtype) - below[position]
-        all_ties_go = ties_to_remove >= equal[position]
-        kept = [(k > threshold) | ((k == threshold) & ~all_ties_go) for k in keys]
-        results[level] = lax.cond(
-            all_ties_go, lambda kept, *_: kept,
-            lambda kept, threshold, ties: _remove_tied(kept, keys, threshold, ties),
-            kept, threshold, ties_to_remove)
-    return results
+    total = sum(int(jnp.size(s)) for s in scores)
+    if list(counts_to_remove) != sorted(counts_to_remove):
+        raise ValueError(f"counts to remove must be ascending, got {list(counts_to_remove)}")
+    if counts_to_remove and not 0 <= counts_to_remove[0] <= counts_to_remove[-1] <= total:
+        raise ValueError(f"counts to remove must lie in [0, {total}], got {list(counts_to_remove)}")
+    counts = jnp.asarray(list(counts_to_remove), count_dtype(total))
+    return _kept_masks([jnp.asarray(s) for s in scores], counts)

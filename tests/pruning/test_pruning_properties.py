@@ -1,5 +1,7 @@
 """Properties of the pruning transforms, checked with hypothesis against a numpy reference."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,7 +58,7 @@ def test_global_removes_exactly_round_s_n_in_key_then_index_order(tree, sparsity
 def test_masks_nest_across_sparsities(tree, levels):
     masks = pruning.unstructured(pruning.magnitude(tree, where=r".*kernel"), levels)
     flags = [pruned_flags(m) for m in masks]
-    for lower, higher in zip(flags, flags[1:], strict=False):
+    for lower, higher in itertools.pairwise(flags):
         assert np.all(higher[lower]), "a weight pruned at lower sparsity came back"
 
 

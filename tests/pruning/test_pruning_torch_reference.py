@@ -54,8 +54,8 @@ def minilm():
     return nnx.state(model, nnx.Param), raw
 
 
-HF_TARGETS = r"encoder\.layer\.(\d+)\.(attention\.self\.(query|key|value)|attention\.output\.dense" \
-             r"|intermediate\.dense|output\.dense)\.weight"
+HF_TARGETS = (r"encoder\.layer\.(\d+)\.(attention\.self\.(query|key|value)"
+              r"|attention\.output\.dense|intermediate\.dense|output\.dense)\.weight")
 
 
 def test_equals_torch_on_real_minilm(minilm):
