@@ -54,7 +54,9 @@ def plot_drops(runs: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
             ax.axhline(tolerance, color="grey", ls="--", lw=1, label="epsilon")
         ax.axhline(0.0, color="black", lw=0.5)
         if not panel_runs[0]["higher_is_better"]:
+            lowest = min(level["drop"] for run in panel_runs for level in run["levels"])
             ax.set_yscale("symlog", linthresh=max(tolerance or 1.0, 1e-3))
+            ax.set_ylim(bottom=min(lowest, 0.0))
         ax.set_title(f"{model} / {task}")
         ax.set_xlabel("sparsity of the target weights (%)")
         ax.set_ylabel(f"drop in {panel_runs[0]['metric']} (worse >)")

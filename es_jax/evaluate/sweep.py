@@ -120,11 +120,13 @@ def default_config() -> ml_collections.ConfigDict:
         word_max_length=8,
         batch_size=25,
     )
+    # Layer-wise: the global exact selection over SmolLM2's 210 matrices takes minutes per call
+    # on 2 CPU cores (see docs/sweep.md); per-matrix sparsity is also Wanda's own setting.
     config.models.smollm2 = model_settings(
         name="smollm2",
         tasks=("wikitext",),
         scorers=("magnitude", "wanda"),
-        patterns=("global",),
+        patterns=("layerwise",),
         lm_length=256,
         lm_blocks=4,
         batch_size=4,
@@ -698,27 +700,32 @@ def scores_of(
 
 
 @functools.cache
-def jitted_masks() -> tuple[Any, Any]:
-    """`pruning.unstructured` and `pruning.n_of_m` jitted with their levels static.
+def jitted_selection() -> Any:
+    """`pruning.unstructured` for the global scope, jitted with its levels static.
 
-    One compiled selection per (pattern, tuple of levels, shapes): every scorer of a model reuses
-    it, and it is much faster than running the selection op by op.
+    The global selection compiles to one program per (levels, shapes), reused by every scorer of
+    a model; for BERT-sized trees this is much faster than running it op by op.
     """
     from es_jax import pruning
 
-    unstructured = jax.jit(pruning.unstructured, static_argnames=("sparsity", "scope"))
-    n_of_m = jax.jit(pruning.n_of_m, static_argnames=("n", "m", "axis"))
-    return unstructured, n_of_m
+    return jax.jit(pruning.unstructured, static_argnames=("sparsity", "scope"))
 
 
 def masks_of(scores: Any, pattern: Pattern, sparsities: Sequence[float]) -> list[Any]:
-    """One mask per sparsity: nested unstructured masks from one selection, or one N:M mask."""
-    unstructured, n_of_m = jitted_masks()
+    """One mask per sparsity: nested unstructured masks from one selection, or one N:M mask.
+
+    Layer-wise and N:M masks run leaf by leaf (their compiled pieces are cached per shape, so
+    a 30-layer model compiles a handful of them); the global selection runs jitted as a whole.
+    """
+    from es_jax import pruning
+
     if not sparsities:
         return []
     if pattern.is_n_of_m:
-        return [n_of_m(scores, n=pattern.n, m=pattern.m)]
-    return unstructured(scores, sparsity=tuple(sparsities), scope=pattern.name)
+        return [pruning.n_of_m(scores, n=pattern.n, m=pattern.m)]
+    if pattern.name == "layerwise":
+        return pruning.unstructured(scores, list(sparsities), scope="layerwise")
+    return jitted_selection()(scores, sparsity=tuple(sparsities), scope="global")
 
 
 def pattern_levels(pattern: Pattern, grid: Sequence[float]) -> list[float]:
@@ -988,6 +995,8 @@ def sweep_prepared(
     dense = dense_values(prepared, settings, store, stamp, bar)
     apply = jax.jit(pruning.apply)
     plot_scorer, plotted = settings.scorers[0], plot_dir is None
+    unstructured = [p for p in map(parse_pattern, settings.patterns) if not p.is_n_of_m]
+    plot_pattern = unstructured[0] if unstructured else Pattern("layerwise")
     for scorer in settings.scorers:
         bar.set_description(f"{key} {scorer} scores")
         scores = scores_of(
@@ -1007,10 +1016,10 @@ def sweep_prepared(
             context = LevelContext(prepared, records, store, bar, apply, f"{pattern_text}/{scorer}")
             todo = missing_levels(records, pattern_levels(pattern, config.grid))
             masks = masks_of(scores, pattern, list(todo))
-            wanted = not plotted and scorer == plot_scorer and pattern.name == "global"
+            wanted = not plotted and scorer == plot_scorer and pattern == plot_pattern
             if wanted and plot_level(config) in todo:
                 level_mask = masks[list(todo).index(plot_level(config))]
-                plot_masks(prepared, level_mask, scorer, config, plot_dir)
+                plot_masks(prepared, level_mask, f"{plot_pattern.name} {scorer}", config, plot_dir)
                 plotted = True
             evaluate_levels(context, masks, todo)
             del masks
@@ -1019,8 +1028,8 @@ def sweep_prepared(
             bar.total += sum(len(names) for names in todo.values())
             evaluate_levels(context, masks_of(scores, pattern, list(todo)), todo)
         if scorer == plot_scorer and not plotted:
-            (mask,) = masks_of(scores, Pattern("global"), [plot_level(config)])
-            plot_masks(prepared, mask, scorer, config, plot_dir)
+            (mask,) = masks_of(scores, plot_pattern, [plot_level(config)])
+            plot_masks(prepared, mask, f"{plot_pattern.name} {scorer}", config, plot_dir)
             plotted = True
         del scores
     for name, evaluator in prepared.evaluators.items():
@@ -1041,7 +1050,10 @@ def missing_levels(records: dict[str, dict], sparsities: Sequence[float]) -> dic
 def plot_masks(
     prepared: ModelRun, mask: Any, scorer: str, config: Any, workdir: Path
 ) -> list[Path]:
-    """Per-layer sparsity and the component view (paper's Figure 1) of one global mask."""
+    """Per-layer sparsity and the component view (paper's Figure 1) of one mask.
+
+    `scorer` names the mask in the title, e.g. "global magnitude".
+    """
     from es_jax import pruning
     from es_jax.analysis import plots
 
@@ -1049,7 +1061,7 @@ def plot_masks(
     leaf_sparsity = {
         path: float(leaf["sparsity"]) for path, leaf in report["leaves"].items() if leaf["target"]
     }
-    title = f"{prepared.key}: global {scorer} mask at {100 * plot_level(config):g}% sparsity"
+    title = f"{prepared.key}: {scorer} mask at {100 * plot_level(config):g}% sparsity"
     component_masks = {
         path: np.asarray(leaf)
         for path, leaf in zip(pruning.leaf_paths(mask), jax.tree.leaves(mask), strict=True)

@@ -131,7 +131,11 @@ def test_unknown_model_setting_is_refused():
             "needs a model of kind 'causal_lm'",
         ),
         (lambda c: setattr(c.models.llama, "tasks", ("lee",)), "needs a model of kind 'encoder'"),
-        (lambda c: setattr(c.models.bert, "tasks", ("glue/sst2",)), "needs fine-tuning"),
+        (lambda c: setattr(c.models.bert, "tasks", ("lee", "glue/sst2")), "mix zero-shot"),
+        (
+            lambda c: c.models.bert.update({"tasks": ("glue/sst2",), "finetune": {"lr": 1.0}}),
+            "unknown fine-tuning settings",
+        ),
         (lambda c: c.models.bert.tiny.update({"model_type": "gpt9"}), "Unsupported architecture"),
     ],
 )
