@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -71,7 +71,6 @@ class Evaluator:
     score: Callable[[Any], float]
     forwards: tuple[Forward, ...]
     num_examples: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __call__(self, params: Any) -> float:
         """The metric of the model with these parameters."""

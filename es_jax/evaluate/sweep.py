@@ -49,7 +49,8 @@ HEAD_FAMILIES = {
     task_registry.ENCODER: ("bert",),
     task_registry.CAUSAL_LM: ("llama", "opt"),
     task_registry.MASKED_LM: ("bert",),
-    task_registry.CLASSIFIER: ("bert", "opt", "vit"),
+    task_registry.CLASSIFIER: ("bert", "opt"),
+    task_registry.IMAGE_CLASSIFIER: ("vit",),
     task_registry.QUESTION_ANSWERING: ("bert",),
 }
 # The `task` argument of `models.load` / a family's `build` for each model kind.
@@ -58,6 +59,7 @@ HEAD_TASK = {
     task_registry.CAUSAL_LM: "causal_lm",
     task_registry.MASKED_LM: "mlm",
     task_registry.CLASSIFIER: "classification",
+    task_registry.IMAGE_CLASSIFIER: "classification",
     task_registry.QUESTION_ANSWERING: "qa",
 }
 

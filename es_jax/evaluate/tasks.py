@@ -21,7 +21,8 @@ from es_jax.evaluate import evaluators
 ENCODER = "encoder"  # a base encoder returning hidden states (B, L, H)
 CAUSAL_LM = "causal_lm"
 MASKED_LM = "mlm"
-CLASSIFIER = "classification"
+CLASSIFIER = "classification"  # a text classifier
+IMAGE_CLASSIFIER = "image_classification"
 QUESTION_ANSWERING = "qa"
 
 
@@ -66,8 +67,10 @@ TASKS: dict[str, Task] = {
         Task("glue/sst2", "accuracy", True, CLASSIFIER, "finetune", "SST-2 accuracy"),
         Task("glue/rte", "accuracy", True, CLASSIFIER, "finetune", "RTE accuracy"),
         Task("squad/v1.1", "f1", True, QUESTION_ANSWERING, "finetune", "SQuAD v1.1 F1"),
-        Task("cifar10", "accuracy", True, CLASSIFIER, "finetune", "CIFAR-10 top-1 accuracy"),
-        Task("cifar100", "accuracy", True, CLASSIFIER, "finetune", "CIFAR-100 top-1 accuracy"),
+        Task("cifar10", "accuracy", True, IMAGE_CLASSIFIER, "finetune", "CIFAR-10 top-1 accuracy"),
+        Task(
+            "cifar100", "accuracy", True, IMAGE_CLASSIFIER, "finetune", "CIFAR-100 top-1 accuracy"
+        ),
     )
 }
 

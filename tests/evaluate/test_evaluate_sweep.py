@@ -131,6 +131,7 @@ def test_unknown_model_setting_is_refused():
             "needs a model of kind 'causal_lm'",
         ),
         (lambda c: setattr(c.models.llama, "tasks", ("lee",)), "needs a model of kind 'encoder'"),
+        (lambda c: setattr(c.models.bert, "tasks", ("cifar10",)), "'image_classification'"),
         (lambda c: setattr(c.models.bert, "tasks", ("lee", "glue/sst2")), "mix zero-shot"),
         (
             lambda c: c.models.bert.update({"tasks": ("glue/sst2",), "finetune": {"lr": 1.0}}),
