@@ -1,20 +1,24 @@
 """Exact k-th smallest score across many arrays, without concatenating or sorting them.
 
-Scores are mapped to order-preserving 32-bit keys. A random sample of the keys estimates each
-requested k-th key; one pass then scatters every key into a histogram that counts, key by key, a
-window of WINDOW keys around each estimate, and each gap between windows as a single bin. A k-th key
-that falls in a window is found exactly. If the sample missed (the k-th key lies in a gap, which is
+Scores are mapped to order-preserving 32-bit keys. A sample of the keys estimates each requested
+k-th key; one pass then scatters every key into a histogram that counts, key by key, a window of
+WINDOW keys around each estimate, and each gap between windows as a single bin. A k-th key that
+falls in a window is found exactly. If the sample missed (the k-th key lies in a gap, which is
 rare), two data-independent passes find it instead (a histogram of 2**16-key blocks, then a window
 on the right block). So any number of sparsity levels costs one pass over the weights in practice,
 the only cross-device traffic is a histogram, and no copy of the weights is concatenated.
 
 Ties are broken by leaf order, then by flat index: the elements removed for k are the first k in the
 order (key, leaf, flat index), so the count is exact and masks for increasing k are nested.
+
+Every per-array loop runs as a `fori_loop` over the arrays of one size (picked with `lax.switch`),
+so the compiled program grows with the number of distinct array sizes, not the number of arrays.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +26,7 @@ import numpy as np
 from jax import lax
 
 Array = jax.Array
+Carry = TypeVar("Carry")
 
 BLOCK_BITS = 16
 NUM_BLOCKS = 1 << (32 - BLOCK_BITS)
@@ -40,30 +45,62 @@ def sortable_keys(scores: Array) -> Array:
 
 
 def count_dtype(total: int) -> jnp.dtype:
-    """The integer dtype that holds counts up to `total`."""
-    if jax.config.jax_enable_x64:
-        return jnp.dtype(jnp.int64)
+    """The integer dtype that holds counts (and flat positions) up to `total`."""
     if total < 2**32:
         return jnp.dtype(jnp.uint32)
-    raise ValueError(f"{total} target weights do not fit 32-bit counts; enable 64-bit counting "
-                     f"with jax.config.update('jax_enable_x64', True)")
+    raise ValueError(f"{total} target weights: exact selection supports fewer than 2**32; prune "
+                     f"the model in parts (e.g. layer-wise) or select fewer leaves")
 
 
-def _sample(keys: Sequence[Array], sample_size: int) -> Array:
+def _size_groups(scores: Sequence[Array]) -> list[list[int]]:
+    """Indices of the arrays grouped by (size, dtype), in order of first appearance."""
+    groups: dict[tuple[int, str], list[int]] = {}
+    for index, array in enumerate(scores):
+        groups.setdefault((array.size, str(array.dtype)), []).append(index)
+    return list(groups.values())
+
+
+def fold_leaves(scores: Sequence[Array], body: Callable[[Array, Array, Carry], Carry],
+                carry: Carry) -> Carry:
+    """carry = body(index, flat keys, carry) for each array, compiled once per array size."""
+    for group in _size_groups(scores):
+        if len(group) == 1:
+            carry = body(jnp.int32(group[0]), sortable_keys(scores[group[0]].reshape(-1)), carry)
+            continue
+        branches = [lambda s=scores[i]: s.reshape(-1) for i in group]
+        indices = jnp.asarray(group, jnp.int32)
+
+        def step(j: Array, carry: Carry, branches: list = branches, indices: Array = indices):
+            return body(indices[j], sortable_keys(lax.switch(j, branches)), carry)
+
+        carry = lax.fori_loop(0, len(group), step, carry)
+    return carry
+
+
+def _sample(scores: Sequence[Array], sample_size: int) -> Array:
     """A sorted sample of the keys, each array sampled in proportion to its size.
 
     Positions follow a golden-ratio (Weyl) sequence over the flat index: spread evenly, cheap to
     compile, and deterministic; a poor sample costs speed, never exactness.
     """
-    total = sum(k.size for k in keys)
-    parts = []
-    for index, leaf_keys in enumerate(keys):
-        count = max(1, round(sample_size * leaf_keys.size / total))
-        steps = jnp.arange(count, dtype=jnp.uint32) + jnp.uint32(index * 7919)
+    total = sum(s.size for s in scores)
+    counts = [max(1, round(sample_size * s.size / total)) for s in scores]
+    offsets = jnp.asarray(np.cumsum([0, *counts[:-1]]), jnp.int32)
+    sample = jnp.zeros((sum(counts),), jnp.uint32)
+
+    def body(index: Array, keys: Array, sample: Array) -> Array:
+        count = counts[int(_first(scores, keys.size))]
+        steps = jnp.arange(count, dtype=jnp.uint32) + index.astype(jnp.uint32) * jnp.uint32(7919)
         fraction = (steps * jnp.uint32(0x9E3779B9)).astype(jnp.float32) * (1.0 / 2**32)
-        positions = jnp.minimum((fraction * leaf_keys.size).astype(jnp.int32), leaf_keys.size - 1)
-        parts.append(leaf_keys.reshape(-1)[positions])
-    return jnp.sort(jnp.concatenate(parts))
+        positions = jnp.minimum((fraction * keys.size).astype(jnp.int32), keys.size - 1)
+        return lax.dynamic_update_slice(sample, keys[positions], (offsets[index],))
+
+    return jnp.sort(fold_leaves(scores, body, sample))
+
+
+def _first(scores: Sequence[Array], size: int) -> int:
+    """The index of the first array of a given size."""
+    return next(i for i, s in enumerate(scores) if s.size == size)
 
 
 def _disjoint(starts: Array) -> Array:
@@ -84,23 +121,22 @@ def _window_starts(sample: Array, total: int, ks: Array) -> Array:
     return _disjoint(jnp.minimum(starts, _TOP))
 
 
-def _windowed_histogram(keys: Sequence[Array], starts: Array, dtype: jnp.dtype) -> Array:
+def _windowed_histogram(scores: Sequence[Array], starts: Array, dtype: jnp.dtype) -> Array:
     """One pass: per-key counts inside each window, one count for each gap between windows.
 
     Bin layout, in key order: gap 0, window 0 (WINDOW bins), gap 1, window 1, ..., gap L.
     """
     levels = starts.shape[0]
-    hist = jnp.zeros((levels * (WINDOW + 1) + 1,), dtype)
-    for leaf_keys in keys:
-        flat = leaf_keys.reshape(-1)
-        index = jnp.zeros(flat.shape, jnp.int32)
+
+    def body(_: Array, keys: Array, hist: Array) -> Array:
+        index = jnp.zeros(keys.shape, jnp.int32)
         for level in range(levels):
-            offset = flat - starts[level]
-            in_window = level * (WINDOW + 1) + 1 + jnp.minimum(offset, WINDOW).astype(jnp.int32)
-            index = jnp.where(flat >= starts[level], in_window, index)
+            offset = jnp.minimum(keys - starts[level], WINDOW).astype(jnp.int32)
+            index = jnp.where(keys >= starts[level], level * (WINDOW + 1) + 1 + offset, index)
         # Bins are in range by construction; promising so skips XLA's per-update bounds handling.
-        hist = hist.at[index].add(jnp.ones((), dtype), mode="promise_in_bounds")
-    return hist
+        return hist.at[index].add(jnp.ones((), dtype), mode="promise_in_bounds")
+
+    return fold_leaves(scores, body, jnp.zeros((levels * (WINDOW + 1) + 1,), dtype))
 
 
 def _windowed_kth(hist: Array, starts: Array, k: Array) -> tuple[Array, ...]:
@@ -114,79 +150,99 @@ def _windowed_kth(hist: Array, starts: Array, k: Array) -> tuple[Array, ...]:
     return found, key, below.astype(hist.dtype), hist[position]
 
 
-def _block_histogram(keys: Sequence[Array], dtype: jnp.dtype) -> Array:
+def _block_histogram(scores: Sequence[Array], dtype: jnp.dtype) -> Array:
     """One pass: counts of keys per block of 2**BLOCK_BITS consecutive keys."""
-    hist = jnp.zeros((NUM_BLOCKS,), dtype)
-    for leaf_keys in keys:
-        block = (leaf_keys.reshape(-1) >> BLOCK_BITS).astype(jnp.int32)
-        hist = hist.at[block].add(jnp.ones((), dtype), mode="promise_in_bounds")
-    return hist
+    def body(_: Array, keys: Array, hist: Array) -> Array:
+        block = (keys >> BLOCK_BITS).astype(jnp.int32)
+        return hist.at[block].add(jnp.ones((), dtype), mode="promise_in_bounds")
+
+    return fold_leaves(scores, body, jnp.zeros((NUM_BLOCKS,), dtype))
 
 
-def _radix_kth(keys: Sequence[Array], k_array: Array, dtype: jnp.dtype) -> tuple[Array, ...]:
+def _radix_kth(scores: Sequence[Array], ks: Array) -> tuple[Array, ...]:
     """Two data-independent passes: each k-th key's block, then a window starting on that block."""
-    cumulative = jnp.cumsum(_block_histogram(keys, dtype))
-    block = jnp.searchsorted(cumulative, k_array, side="left").astype(jnp.uint32)
+    cumulative = jnp.cumsum(_block_histogram(scores, ks.dtype))
+    block = jnp.searchsorted(cumulative, ks, side="left").astype(jnp.uint32)
     starts = _disjoint(jnp.minimum(block << BLOCK_BITS, _TOP))
-    hist = _windowed_histogram(keys, starts, dtype)
-    _, key, below, equal = jax.vmap(lambda k: _windowed_kth(hist, starts, k))(k_array)
+    hist = _windowed_histogram(scores, starts, ks.dtype)
+    _, key, below, equal = jax.vmap(lambda k: _windowed_kth(hist, starts, k))(ks)
     return key, below, equal
 
 
-def kth_keys(keys: Sequence[Array], ks: Array) -> tuple[Array, Array, Array]:
+def kth_keys(scores: Sequence[Array], ks: Array) -> tuple[Array, Array, Array]:
     """For ascending ks (1 <= k <= size): the k-th key, the count below it, the count equal."""
-    total = sum(k.size for k in keys)
-    starts = _window_starts(_sample(keys, min(SAMPLE_SIZE, 4 * total)), total, ks)
-    hist = _windowed_histogram(keys, starts, ks.dtype)
+    total = sum(s.size for s in scores)
+    starts = _window_starts(_sample(scores, min(SAMPLE_SIZE, 4 * total)), total, ks)
+    hist = _windowed_histogram(scores, starts, ks.dtype)
     found, key, below, equal = jax.vmap(lambda k: _windowed_kth(hist, starts, k))(ks)
-    return lax.cond(jnp.all(found), lambda: (key, below, equal),
-                    lambda: _radix_kth(keys, ks, ks.dtype))
+    return lax.cond(jnp.all(found), lambda: (key, below, equal), lambda: _radix_kth(scores, ks))
 
 
-def _remove_tied(kept: list[Array], keys: Sequence[Array], threshold: Array,
-                 ties_to_remove: Array) -> list[Array]:
-    """Removes the first `ties_to_remove` threshold-tied elements, in leaf then flat-index order.
+def _tie_cut(scores: Sequence[Array], threshold: Array, ties_to_remove: Array) -> tuple[Array, ...]:
+    """Where the removal of tied elements stops: (leaf index, last removed flat index in it).
 
-    Only the one leaf where the quota runs out needs a running count of its ties.
+    Ties are removed in leaf order, then flat order: all of them in leaves before the returned
+    leaf, and those at flat index <= the returned index in it.
     """
     dtype = ties_to_remove.dtype
-    per_leaf = jnp.stack([jnp.sum(k == threshold, dtype=dtype) for k in keys])
-    before = jnp.cumsum(per_leaf) - per_leaf
-    quotas = jnp.minimum(jnp.maximum(ties_to_remove, before) - before, per_leaf)
 
-    def leaf_mask(mask: Array, leaf_keys: Array, quota: Array, ties: Array) -> Array:
-        def partial() -> Array:
-            tied = leaf_keys.reshape(-1) == threshold
-            first = tied & (jnp.cumsum(tied, dtype=dtype) <= quota)
-            return mask & ~first.reshape(mask.shape)
+    def count(index: Array, keys: Array, counts: Array) -> Array:
+        return counts.at[index].set(jnp.sum(keys == threshold, dtype=dtype))
 
-        def whole() -> Array:
-            return mask & ~((leaf_keys == threshold) & (quota > 0))
+    per_leaf = fold_leaves(scores, count, jnp.zeros((len(scores),), dtype))
+    cumulative = jnp.cumsum(per_leaf)
+    leaf = jnp.searchsorted(cumulative, ties_to_remove, side="left").astype(jnp.int32)
+    quota = ties_to_remove - jnp.where(leaf > 0, cumulative[jnp.maximum(leaf - 1, 0)], 0)
 
-        return lax.cond((quota > 0) & (quota < ties), partial, whole)
+    def locate(index: Array, keys: Array, cut: Array) -> Array:
+        def last_removed() -> Array:
+            running = jnp.cumsum(keys == threshold, dtype=dtype)
+            return jnp.searchsorted(running, quota, side="left").astype(dtype)
 
-    return [leaf_mask(m, k, q, t) for m, k, q, t in zip(kept, keys, quotas, per_leaf, strict=True)]
+        return lax.cond(index == leaf, last_removed, lambda: cut)
+
+    return leaf, fold_leaves(scores, locate, jnp.zeros((), dtype))
 
 
 @jax.jit
-def _kept_masks(scores: list[Array], counts: Array) -> list[list[Array]]:
-    """Jitted body of `kept_masks`: one compilation per layout and number of levels."""
-    keys = [sortable_keys(s) for s in scores]
-    thresholds, below, equal = kth_keys(keys, jnp.maximum(counts, 1))
+def _stacked_kept_masks(scores: list[Array], counts: Array) -> list[Array]:
+    """Kept masks stacked per size group, shape (levels, arrays in group, size)."""
+    thresholds, below, equal = kth_keys(scores, jnp.maximum(counts, 1))
+    ties_to_remove = jnp.maximum(counts, 1) - below
 
-    def level_masks(level: tuple[Array, ...]) -> list[Array]:
-        threshold, count, below, equal = level
-        ties_to_remove = jnp.maximum(count, 1) - below
-        all_ties_go = ties_to_remove >= equal
-        kept = [(k > threshold) | ((k == threshold) & ~all_ties_go) for k in keys]
-        kept = lax.cond(all_ties_go, lambda kept, *_: kept,
-                        lambda kept, threshold, ties: _remove_tied(kept, keys, threshold, ties),
-                        kept, threshold, ties_to_remove)
-        return [mask | (count == 0) for mask in kept]
+    def cut(level: tuple[Array, ...]) -> tuple[Array, Array]:
+        threshold, ties, equal = level
+        return lax.cond(ties >= equal,
+                        lambda: (jnp.int32(len(scores)), jnp.zeros((), counts.dtype)),
+                        lambda: _tie_cut(scores, threshold, ties))
 
-    # One loop body for all levels keeps the compiled program the size of a single level's.
-    stacked = lax.map(level_masks, (thresholds, counts, below, equal))
-    return [[leaf[level] for leaf in stacked] for level in range(counts.shape[0])]
+    cut_leaf, cut_index = lax.map(cut, (thresholds, ties_to_remove, equal))
+    groups = _size_groups(scores)
+    position = {leaf: (g, j) for g, group in enumerate(groups) for j, leaf in enumerate(group)}
+    slot = jnp.asarray([position[i][1] for i in range(len(scores))], jnp.int32)
+
+    def write(index: Array, keys: Array, masks: list[Array]) -> list[Array]:
+        flat_index = jnp.arange(keys.size, dtype=counts.dtype)
+        tie_removed = ((index < cut_leaf)[:, None] | ((index == cut_leaf)[:, None]
+                                                      & (flat_index <= cut_index[:, None])))
+        tied = keys == thresholds[:, None]
+        kept = (keys > thresholds[:, None]) | (tied & ~tie_removed) | (counts == 0)[:, None]
+        group = next(g for g, group in enumerate(groups) if scores[group[0]].size == keys.size)
+        masks = list(masks)
+        masks[group] = lax.dynamic_update_index_in_dim(masks[group], kept, slot[index], axis=1)
+        return masks
+
+    empty = [jnp.zeros((counts.shape[0], len(group), scores[group[0]].size), bool)
+             for group in groups]
+    return fold_leaves(scores, write, empty)
+
+
+def _unstack(scores: Sequence[Array], stacked: list[Array], levels: int) -> list[list[Array]]:
+    """Per-level, per-array masks from the masks stacked per size group."""
+    position = {leaf: (g, j) for g, group in enumerate(_size_groups(scores))
+                for j, leaf in enumerate(group)}
+    return [[stacked[position[i][0]][level, position[i][1]].reshape(scores[i].shape)
+             for i in range(len(scores))] for level in range(levels)]
 
 
 def kept_masks(scores: Sequence[Array], counts_to_remove: Sequence[int]) -> list[list[Array]]:
@@ -200,4 +256,5 @@ def kept_masks(scores: Sequence[Array], counts_to_remove: Sequence[int]) -> list
     if counts_to_remove and not 0 <= counts_to_remove[0] <= counts_to_remove[-1] <= total:
         raise ValueError(f"counts to remove must lie in [0, {total}], got {list(counts_to_remove)}")
     counts = jnp.asarray(list(counts_to_remove), count_dtype(total))
-    return _kept_masks([jnp.asarray(s) for s in scores], counts)
+    scores = [jnp.asarray(s) for s in scores]
+    return _unstack(scores, _stacked_kept_masks(scores, counts), len(counts_to_remove))
