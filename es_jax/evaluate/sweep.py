@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
-import functools
 import hashlib
 import importlib.util
 import json
@@ -122,13 +121,11 @@ def default_config() -> ml_collections.ConfigDict:
         word_max_length=8,
         batch_size=25,
     )
-    # Layer-wise: the global exact selection over SmolLM2's 210 matrices takes minutes per call
-    # on 2 CPU cores (see docs/sweep.md); per-matrix sparsity is also Wanda's own setting.
     config.models.smollm2 = model_settings(
         name="smollm2",
         tasks=("wikitext",),
         scorers=("magnitude", "wanda"),
-        patterns=("layerwise",),
+        patterns=("global",),
         lm_length=256,
         lm_blocks=4,
         batch_size=4,
@@ -490,6 +487,7 @@ def write_atomically(path: Path, text: str) -> None:
         file.write(text)
         file.flush()
         os.fsync(file.fileno())
+    os.chmod(temporary, 0o644)
     os.replace(temporary, path)
 
 
@@ -701,33 +699,15 @@ def scores_of(
     return pruning.wanda(params, norms, where=where)
 
 
-@functools.cache
-def jitted_selection() -> Any:
-    """`pruning.unstructured` for the global scope, jitted with its levels static.
-
-    The global selection compiles to one program per (levels, shapes), reused by every scorer of
-    a model; for BERT-sized trees this is much faster than running it op by op.
-    """
-    from es_jax import pruning
-
-    return jax.jit(pruning.unstructured, static_argnames=("sparsity", "scope"))
-
-
 def masks_of(scores: Any, pattern: Pattern, sparsities: Sequence[float]) -> list[Any]:
-    """One mask per sparsity: nested unstructured masks from one selection, or one N:M mask.
-
-    Layer-wise and N:M masks run leaf by leaf (their compiled pieces are cached per shape, so
-    a 30-layer model compiles a handful of them); the global selection runs jitted as a whole.
-    """
+    """One mask per sparsity: nested unstructured masks from one selection, or one N:M mask."""
     from es_jax import pruning
 
     if not sparsities:
         return []
     if pattern.is_n_of_m:
         return [pruning.n_of_m(scores, n=pattern.n, m=pattern.m)]
-    if pattern.name == "layerwise":
-        return pruning.unstructured(scores, list(sparsities), scope="layerwise")
-    return jitted_selection()(scores, sparsity=tuple(sparsities), scope="global")
+    return pruning.unstructured(scores, list(sparsities), scope=pattern.name)
 
 
 def pattern_levels(pattern: Pattern, grid: Sequence[float]) -> list[float]:
