@@ -47,9 +47,11 @@ def test_unknown_variant_is_refused():
         load("opt_glue.py", "huge")
 
 
+# Not strict: once the fine-tuning loss is fixed the test passes and reports XPASS, without
+# failing the suite; then drop this mark.
 VISION_FINETUNE_BUG = pytest.mark.xfail(
     raises=KeyError,
-    strict=True,
+    strict=False,
     reason="es_jax.train.finetune.batch_loss builds its default weights from batch['input_ids'] "
     "even when the batch has 'weights', so image batches (pixel_values) raise KeyError",
 )
