@@ -12,7 +12,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("es_jax.evaluate.sweep", "one-shot pruning sweep and essential sparsity"),
     "pretrain": ("es_jax.train.pretrain", "MLM pre-training with Orbax checkpoints"),
-    "emergence": ("es_jax.analysis.emergence", "near-zero weights and mask overlap across checkpoints"),
+    "emergence": ("es_jax.analysis.emergence", "near-zero weights, mask overlap by checkpoint"),
 }
 
 

@@ -117,8 +117,12 @@ def weighted_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Ar
 
 def batch_loss(model: nnx.Module, batch: Mapping[str, jax.Array], objective: str) -> jax.Array:
     """Classification: CE on `label`. QA: mean CE of `start_positions` and `end_positions`."""
-    outputs = model(**model_inputs(model, batch))
-    weights = batch.get("weights", jnp.ones(batch["input_ids"].shape[0], jnp.float32))
+    inputs = model_inputs(model, batch)
+    outputs = model(**inputs)
+    if "weights" in batch:
+        weights = batch["weights"]
+    else:
+        weights = jnp.ones(next(iter(inputs.values())).shape[0], jnp.float32)
     if objective == "qa":
         start_logits, end_logits = outputs
         start = weighted_cross_entropy(start_logits, batch["start_positions"], weights)

@@ -47,22 +47,12 @@ def test_unknown_variant_is_refused():
         load("opt_glue.py", "huge")
 
 
-# Not strict: once the fine-tuning loss is fixed the test passes and reports XPASS, without
-# failing the suite; then drop this mark.
-VISION_FINETUNE_BUG = pytest.mark.xfail(
-    raises=KeyError,
-    strict=False,
-    reason="es_jax.train.finetune.batch_loss builds its default weights from batch['input_ids'] "
-    "even when the batch has 'weights', so image batches (pixel_values) raise KeyError",
-)
-
-
 @pytest.mark.parametrize(
     "name",
     [
         "bert_base_glue.py",
         "opt_glue.py",
-        pytest.param("vit_dino_cifar.py", marks=VISION_FINETUNE_BUG),
+        "vit_dino_cifar.py",
         "vicuna_perplexity.py",
     ],
 )
