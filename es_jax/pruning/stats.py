@@ -26,9 +26,11 @@ def _counts(leaves: Sequence[Array], count: Callable[[Array], Array]) -> list[An
     return [int(v) for v in jax.device_get(values)]
 
 
-def _fraction(part: Any, whole: int) -> Any:
-    """part / whole, 0 for an empty whole."""
-    return part / whole if whole else 0.0
+def _fraction(part: Any, whole: Any, empty: float = 0.0) -> Any:
+    """part / whole, or `empty` when whole is 0; works on Python numbers and traced scalars."""
+    if isinstance(part, jax.Array) or isinstance(whole, jax.Array):
+        return jnp.where(whole > 0, part / jnp.where(whole > 0, whole, 1), empty)
+    return part / whole if whole else empty
 
 
 def report(params: PyTree, where: Selector | None = None) -> dict[str, Any]:
@@ -144,14 +146,14 @@ def similarity(mask_a: PyTree, mask_b: PyTree) -> dict[str, Any]:
     sparsity_a, sparsity_b = 1 - density_a, 1 - density_b
     hamming = kept_a + kept_b - 2 * kept_both
     sqrt = jnp.sqrt if isinstance(kept_a, jax.Array) else math.sqrt
-    chance_union = sparsity_a + sparsity_b - sparsity_a * sparsity_b
     return {
-        "cosine": _fraction(kept_both, 1) / sqrt(kept_a * kept_b) if kept_a * kept_b else 0.0,
-        "iou": _fraction(pruned_both, pruned_union) if pruned_union else 1.0,
+        "cosine": _fraction(kept_both, sqrt(kept_a * kept_b)),
+        "iou": _fraction(pruned_both, pruned_union, empty=1.0),
         "hamming": hamming,
         "hamming_fraction": hamming / size,
         "chance_cosine": sqrt(density_a * density_b),
-        "chance_iou": sparsity_a * sparsity_b / chance_union if chance_union else 1.0,
+        "chance_iou": _fraction(sparsity_a * sparsity_b,
+                                sparsity_a + sparsity_b - sparsity_a * sparsity_b, empty=1.0),
         "chance_hamming_fraction": density_a * sparsity_b + density_b * sparsity_a,
         "size": size,
     }

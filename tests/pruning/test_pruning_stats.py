@@ -83,3 +83,8 @@ def test_stats_work_under_jit():
     params = {"w": jnp.asarray([[0.0, 1.0], [0.5, 0.0]])}
     sparsity = jax.jit(lambda p: pruning.report(p)["target"]["sparsity"])(params)
     assert float(sparsity) == 0.5
+    a = {"w": jnp.asarray([[True, False], [True, True]])}
+    b = {"w": jnp.asarray([[True, True], [False, True]])}
+    jitted = jax.jit(pruning.similarity)(a, b)
+    for key, value in pruning.similarity(a, b).items():
+        assert float(jitted[key]) == pytest.approx(value), key
