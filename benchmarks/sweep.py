@@ -37,9 +37,9 @@ TORCH_TARGETS = (
 
 def jax_config(grid: tuple[float, ...]) -> ml_collections.ConfigDict:
     """The default config, MiniLM only, global magnitude pruning."""
-    from es_jax.evaluate import sweep
+    from es_jax.evaluate import sweep_config
 
-    config = sweep.default_config()
+    config = sweep_config.default_config()
     config.grid = grid
     minilm = config.models.minilm
     minilm.scorers = ("magnitude",)

@@ -9,17 +9,17 @@ two training steps: `--config configs/bert_base_glue.py:tiny`.
 
 import ml_collections
 
-from es_jax.evaluate import sweep
+from es_jax.evaluate import sweep_config
 
 GLUE = ("glue/mnli", "glue/qnli", "glue/qqp", "glue/sst2", "glue/rte")
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """The experiment's config; variant 'tiny' for a smoke run."""
-    config = sweep.default_config()
+    config = sweep_config.default_config()
     config.plot_sparsity = 0.2  # the paper's Figure 1 shows bert-base at 21.5%
     config.models = ml_collections.ConfigDict()
-    config.models.bert_glue = sweep.model_settings(
+    config.models.bert_glue = sweep_config.model_settings(
         name="bert-base-uncased",
         tasks=GLUE,
         scorers=("magnitude",),
@@ -27,7 +27,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         max_length=128,
         batch_size=64,
     )
-    config.models.bert_squad = sweep.model_settings(
+    config.models.bert_squad = sweep_config.model_settings(
         name="bert-base-uncased",
         tasks=("squad/v1.1",),
         scorers=("magnitude",),
@@ -36,4 +36,4 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         doc_stride=128,
         batch_size=32,
     )
-    return sweep.with_variant(config, variant, {"bert_glue": "bert", "bert_squad": "bert"})
+    return sweep_config.with_variant(config, variant, {"bert_glue": "bert", "bert_squad": "bert"})

@@ -7,9 +7,9 @@ Wanda scores, global and 2:4 patterns. Runs offline on the bundled models in min
 
 import ml_collections
 
-from es_jax.evaluate import sweep
+from es_jax.evaluate import sweep_config
 
 
 def get_config() -> ml_collections.ConfigDict:
     """The embedded default sweep."""
-    return sweep.default_config()
+    return sweep_config.default_config()

@@ -10,7 +10,7 @@ accelerator. Smoke run: `--config configs/opt_glue.py:tiny`.
 
 import ml_collections
 
-from es_jax.evaluate import sweep
+from es_jax.evaluate import sweep_config
 
 GLUE = ("glue/mnli", "glue/qnli", "glue/qqp", "glue/sst2", "glue/rte")
 N_OF_M_TASKS = ("glue/mnli", "glue/qnli", "glue/rte", "glue/sst2")
@@ -18,10 +18,10 @@ N_OF_M_TASKS = ("glue/mnli", "glue/qnli", "glue/rte", "glue/sst2")
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """The experiment's config; variant 'tiny' for a smoke run."""
-    config = sweep.default_config()
+    config = sweep_config.default_config()
     config.models = ml_collections.ConfigDict()
     for size in ("125m", "350m", "1.3b"):
-        config.models[f"opt_{size.replace('.', '_')}"] = sweep.model_settings(
+        config.models[f"opt_{size.replace('.', '_')}"] = sweep_config.model_settings(
             name=f"facebook/opt-{size}",
             tasks=GLUE,
             scorers=("magnitude",),
@@ -29,7 +29,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
             max_length=128,
             batch_size=64,
         )
-    config.models.opt_350m_n_of_m = sweep.model_settings(
+    config.models.opt_350m_n_of_m = sweep_config.model_settings(
         name="facebook/opt-350m",
         tasks=N_OF_M_TASKS,
         scorers=("magnitude",),
@@ -37,4 +37,4 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         max_length=128,
         batch_size=64,
     )
-    return sweep.with_variant(config, variant, dict.fromkeys(config.models, "opt"))
+    return sweep_config.with_variant(config, variant, dict.fromkeys(config.models, "opt"))

@@ -9,14 +9,14 @@ accelerator with about 30 GB of memory. Smoke run: `--config configs/vicuna_perp
 
 import ml_collections
 
-from es_jax.evaluate import sweep
+from es_jax.evaluate import sweep_config
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """The experiment's config; variant 'tiny' for a smoke run."""
-    config = sweep.default_config()
+    config = sweep_config.default_config()
     config.models = ml_collections.ConfigDict()
-    config.models.vicuna_7b = sweep.model_settings(
+    config.models.vicuna_7b = sweep_config.model_settings(
         name="lmsys/vicuna-7b-v1.3",
         tasks=("wikitext",),
         scorers=("magnitude", "wanda"),
@@ -27,4 +27,4 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         calibration_blocks=32,
         calibration_length=1024,
     )
-    return sweep.with_variant(config, variant, {"vicuna_7b": "llama"})
+    return sweep_config.with_variant(config, variant, {"vicuna_7b": "llama"})

@@ -9,20 +9,20 @@ catalogue data and an accelerator. Smoke run: `--config configs/vit_dino_cifar.p
 
 import ml_collections
 
-from es_jax.evaluate import sweep
+from es_jax.evaluate import sweep_config
 
 CIFAR = ("cifar10", "cifar100")
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """The experiment's config; variant 'tiny' for a smoke run."""
-    config = sweep.default_config()
+    config = sweep_config.default_config()
     config.models = ml_collections.ConfigDict()
     for key, name in (
         ("vit_base", "google/vit-base-patch16-224-in21k"),
         ("dino_base", "facebook/dino-vitb16"),
     ):
-        config.models[key] = sweep.model_settings(
+        config.models[key] = sweep_config.model_settings(
             name=name,
             tasks=CIFAR,
             scorers=("magnitude",),
@@ -30,4 +30,4 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
             image_size=224,
             batch_size=64,
         )
-    return sweep.with_variant(config, variant, {"vit_base": "vit", "dino_base": "vit"})
+    return sweep_config.with_variant(config, variant, {"vit_base": "vit", "dino_base": "vit"})

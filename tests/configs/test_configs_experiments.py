@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import tensorflow_datasets as tfds
 
-from es_jax.evaluate import sweep
+from es_jax.evaluate import sweep, sweep_config
 from es_jax.evaluate import tasks as task_registry
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -20,7 +20,7 @@ EXPERIMENTS = (
 
 
 def load(name: str, variant: str = ""):
-    return sweep.load_config_file(f"{CONFIGS / name}{':' + variant if variant else ''}")
+    return sweep_config.load_config_file(f"{CONFIGS / name}{':' + variant if variant else ''}")
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -32,14 +32,14 @@ def test_docstring_opens_with_the_command(name):
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_full_config_names_known_tasks_patterns_and_scorers(name):
     config = load(name)
-    assert set(config.keys()) <= sweep.TOP_LEVEL_KEYS
-    sweep.check_grid(config.grid)
+    assert set(config.keys()) <= sweep_config.TOP_LEVEL_KEYS
+    sweep_config.check_grid(config.grid)
     for settings in config.models.values():
         for task in settings.tasks:
             task_registry.get(task)
         for pattern in settings.patterns:
-            sweep.parse_pattern(pattern)
-        assert set(settings.scorers) <= set(sweep.SCORERS)
+            sweep_config.parse_pattern(pattern)
+        assert set(settings.scorers) <= set(sweep_config.SCORERS)
 
 
 def test_unknown_variant_is_refused():

@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from es_jax.evaluate import sweep
+from es_jax.evaluate import results, sweep, sweep_config
 
 TINY_BERT = {
     "model_type": "bert",
@@ -38,11 +38,11 @@ def data_dir(tmp_path_factory):
 
 def tiny_config(data_dir: str) -> ml_collections.ConfigDict:
     """A small sweep: tiny BERT on Lee and WordSim-353, tiny Llama perplexity, 4 levels."""
-    config = sweep.default_config()
+    config = sweep_config.default_config()
     config.grid = (0.0, 0.3, 0.6, 0.9)
     config.data_dir = data_dir
     config.models = ml_collections.ConfigDict()
-    config.models.bert = sweep.model_settings(
+    config.models.bert = sweep_config.model_settings(
         tiny=TINY_BERT,
         tasks=("lee", "wordsim353"),
         scorers=("magnitude", "random"),
@@ -51,7 +51,7 @@ def tiny_config(data_dir: str) -> ml_collections.ConfigDict:
         max_examples=20,
         batch_size=8,
     )
-    config.models.llama = sweep.model_settings(
+    config.models.llama = sweep_config.model_settings(
         tiny=TINY_LLAMA,
         tasks=("wikitext",),
         scorers=("magnitude", "wanda"),
@@ -66,7 +66,7 @@ def tiny_config(data_dir: str) -> ml_collections.ConfigDict:
 
 
 def test_default_config_is_the_embedded_offline_sweep():
-    config = sweep.default_config()
+    config = sweep_config.default_config()
     assert config.grid == tuple(round(0.1 * i, 1) for i in range(10))
     assert set(config.models.minilm.tasks) == {"lee", "wordsim353", "simlex999"}
     assert config.models.smollm2.tasks == ("wikitext",)
@@ -74,7 +74,7 @@ def test_default_config_is_the_embedded_offline_sweep():
 
 
 def test_overrides_are_typed_like_the_values_they_replace(tmp_path):
-    config, workdir = sweep.parse_args(
+    config, workdir = sweep_config.parse_args(
         [
             "--workdir",
             str(tmp_path),
@@ -94,27 +94,27 @@ def test_overrides_are_typed_like_the_values_they_replace(tmp_path):
 def test_config_file_is_loaded_with_overrides(tmp_path):
     file = tmp_path / "exp.py"
     file.write_text(
-        "from es_jax.evaluate import sweep\n\n"
+        "from es_jax.evaluate import sweep_config\n\n"
         "def get_config():\n"
-        "    config = sweep.default_config()\n"
+        "    config = sweep_config.default_config()\n"
         "    config.grid = (0.0, 0.2)\n"
         "    return config\n"
     )
-    config, _ = sweep.parse_args(["--config", str(file), "--config.seed=3"])
+    config, _ = sweep_config.parse_args(["--config", str(file), "--config.seed=3"])
     assert config.grid == (0.0, 0.2)
     assert config.seed == 3
 
 
 def test_unknown_config_key_is_refused():
     with pytest.raises(ValueError, match="unknown config key 'gird'"):
-        sweep.parse_args(["--config.gird=0.1"])
+        sweep_config.parse_args(["--config.gird=0.1"])
     with pytest.raises(ValueError, match=r"unknown config key 'models\.minilm\.taks'"):
-        sweep.parse_args(["--config.models.minilm.taks=lee"])
+        sweep_config.parse_args(["--config.models.minilm.taks=lee"])
 
 
 def test_unknown_model_setting_is_refused():
     with pytest.raises(ValueError, match="unknown model setting 'scorer'"):
-        sweep.model_settings(scorer="magnitude")
+        sweep_config.model_settings(scorer="magnitude")
 
 
 @pytest.mark.parametrize(
@@ -157,9 +157,9 @@ def test_unknown_model_name_is_refused(tmp_path, data_dir):
 
 
 def test_pattern_levels():
-    assert sweep.pattern_levels(sweep.parse_pattern("2:4"), (0.0, 0.1)) == [0.5]
-    assert sweep.pattern_levels(sweep.parse_pattern("1:4"), (0.0,)) == [0.75]
-    assert sweep.pattern_levels(sweep.parse_pattern("global"), (0.0, 0.1, 0.2)) == [0.1, 0.2]
+    assert sweep.pattern_levels(sweep_config.parse_pattern("2:4"), (0.0, 0.1)) == [0.5]
+    assert sweep.pattern_levels(sweep_config.parse_pattern("1:4"), (0.0,)) == [0.75]
+    assert sweep.pattern_levels(sweep_config.parse_pattern("global"), (0.0, 0.1, 0.2)) == [0.1, 0.2]
 
 
 def test_finalise_computes_drops_essential_and_epsilon():
@@ -173,7 +173,7 @@ def test_finalise_computes_drops_essential_and_epsilon():
         ],
     }
     epsilon = ml_collections.ConfigDict({"absolute": 1.0, "relative": 0.01})
-    sweep.finalise(record, epsilon)
+    results.finalise(record, epsilon)
     assert record["epsilon"] == {"value": 0.01, "relative": True}
     assert record["tolerance"] == pytest.approx(0.2)
     assert record["essential_sparsity"] == 0.2
@@ -182,8 +182,8 @@ def test_finalise_computes_drops_essential_and_epsilon():
 
 def test_write_atomically_leaves_no_temporary_files(tmp_path):
     target = tmp_path / "results.json"
-    sweep.write_atomically(target, "{}")
-    sweep.write_atomically(target, '{"a": 1}')
+    results.write_atomically(target, "{}")
+    results.write_atomically(target, '{"a": 1}')
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
@@ -292,7 +292,7 @@ def test_a_crashed_sweep_resumes_where_it_stopped(tmp_path, data_dir, monkeypatc
 
 
 def test_refinement_levels_lie_between_essential_and_the_next_grid_level():
-    config = sweep.default_config()
+    config = sweep_config.default_config()
     config.refine = 3
     record = {
         "metric": "accuracy",
@@ -301,9 +301,9 @@ def test_refinement_levels_lie_between_essential_and_the_next_grid_level():
         "levels": [{"sparsity": s, "value": 80.0 - 10 * s**3} for s in config.grid],
     }
     # drops 0.0, 0.01, 0.08, 0.27, 0.64, 1.25: essential 0.4
-    levels = sweep.refinement_of(record, sweep.parse_pattern("global"), config)
+    levels = sweep.refinement_of(record, sweep_config.parse_pattern("global"), config)
     np.testing.assert_allclose(levels, [0.425, 0.45, 0.475])
-    assert sweep.refinement_of(record, sweep.parse_pattern("2:4"), config) == []
+    assert sweep.refinement_of(record, sweep_config.parse_pattern("2:4"), config) == []
 
 
 def test_refinement_levels_are_evaluated_and_resumed(tmp_path, data_dir, monkeypatch):
