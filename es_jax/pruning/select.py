@@ -31,6 +31,7 @@ Carry = TypeVar("Carry")
 BLOCK_BITS = 16
 NUM_BLOCKS = 1 << (32 - BLOCK_BITS)
 WINDOW = 1 << 19
+GAP_SPREAD = 64
 SAMPLE_SIZE = 1 << 18
 _TOP = np.uint32(2**32 - WINDOW)
 
@@ -124,19 +125,33 @@ def _window_starts(sample: Array, total: int, ks: Array) -> Array:
 def _windowed_histogram(scores: Sequence[Array], starts: Array, dtype: jnp.dtype) -> Array:
     """One pass: per-key counts inside each window, one count for each gap between windows.
 
-    Bin layout, in key order: gap 0, window 0 (WINDOW bins), gap 1, window 1, ..., gap L.
+    Bin layout, in key order: gap 0, window 0 (WINDOW bins), gap 1, window 1, ..., gap L. While
+    counting, each gap is spread over GAP_SPREAD bins by the key's low bits: nearly every weight
+    falls in a gap, and adding to one address over and over would serialise the scatter.
     """
     levels = starts.shape[0]
+    stride = WINDOW + GAP_SPREAD
 
     def body(_: Array, keys: Array, hist: Array) -> Array:
-        index = jnp.zeros(keys.shape, jnp.int32)
+        spread = (keys & jnp.uint32(GAP_SPREAD - 1)).astype(jnp.int32)
+        index = spread
         for level in range(levels):
-            offset = jnp.minimum(keys - starts[level], WINDOW).astype(jnp.int32)
-            index = jnp.where(keys >= starts[level], level * (WINDOW + 1) + 1 + offset, index)
+            offset = keys - starts[level]
+            inside = level * stride + GAP_SPREAD + jnp.minimum(offset, WINDOW - 1).astype(jnp.int32)
+            after = (level + 1) * stride + spread
+            index = jnp.where(keys >= starts[level], jnp.where(offset < WINDOW, inside, after),
+                              index)
         # Bins are in range by construction; promising so skips XLA's per-update bounds handling.
         return hist.at[index].add(jnp.ones((), dtype), mode="promise_in_bounds")
 
-    return fold_leaves(scores, body, jnp.zeros((levels * (WINDOW + 1) + 1,), dtype))
+    spread_hist = fold_leaves(scores, body, jnp.zeros((levels * stride + GAP_SPREAD,), dtype))
+    parts = []
+    for level in range(levels + 1):
+        gap = spread_hist[level * stride:level * stride + GAP_SPREAD]
+        parts.append(jnp.sum(gap, dtype=dtype)[None])
+        if level < levels:
+            parts.append(spread_hist[level * stride + GAP_SPREAD:(level + 1) * stride])
+    return jnp.concatenate(parts)
 
 
 def _windowed_kth(hist: Array, starts: Array, k: Array) -> tuple[Array, ...]:
