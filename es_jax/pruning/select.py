@@ -193,30 +193,40 @@ def kth_keys(scores: Sequence[Array], ks: Array) -> tuple[Array, Array, Array]:
     return lax.cond(jnp.all(found), lambda: (key, below, equal), lambda: _radix_kth(scores, ks))
 
 
-def _tie_cut(scores: Sequence[Array], threshold: Array, ties_to_remove: Array) -> tuple[Array, ...]:
-    """Where the removal of tied elements stops: (leaf index, last removed flat index in it).
+def _tie_cuts(scores: Sequence[Array], thresholds: Array, ties_to_remove: Array,
+              partial: Array) -> tuple[Array, Array]:
+    """Per level, where the removal of threshold-tied elements stops: (leaf, last flat index).
 
     Ties are removed in leaf order, then flat order: all of them in leaves before the returned
-    leaf, and those at flat index <= the returned index in it.
+    leaf, and those at flat index <= the returned index in it. Levels that are not `partial` (all
+    their ties go) get leaf = number of leaves. One counting pass serves every level.
     """
     dtype = ties_to_remove.dtype
+    levels = thresholds.shape[0]
 
     def count(index: Array, keys: Array, counts: Array) -> Array:
-        return counts.at[index].set(jnp.sum(keys == threshold, dtype=dtype))
+        tied = keys[None, :] == thresholds[:, None]
+        return counts.at[index].set(jnp.sum(tied, axis=1, dtype=dtype))
 
-    per_leaf = fold_leaves(scores, count, jnp.zeros((len(scores),), dtype))
-    cumulative = jnp.cumsum(per_leaf)
-    leaf = jnp.searchsorted(cumulative, ties_to_remove, side="left").astype(jnp.int32)
-    quota = ties_to_remove - jnp.where(leaf > 0, cumulative[jnp.maximum(leaf - 1, 0)], 0)
+    per_leaf = fold_leaves(scores, count, jnp.zeros((len(scores), levels), dtype))
+    cumulative = jnp.cumsum(per_leaf, axis=0)
+    leaf = jax.vmap(lambda c, t: jnp.searchsorted(c, t, side="left"))(cumulative.T, ties_to_remove)
+    leaf = jnp.where(partial, leaf.astype(jnp.int32), len(scores))
+    before = jnp.where(leaf > 0, cumulative[jnp.maximum(leaf - 1, 0), jnp.arange(levels)], 0)
+    quota = ties_to_remove - before
 
-    def locate(index: Array, keys: Array, cut: Array) -> Array:
-        def last_removed() -> Array:
-            running = jnp.cumsum(keys == threshold, dtype=dtype)
-            return jnp.searchsorted(running, quota, side="left").astype(dtype)
+    def locate(index: Array, keys: Array, cuts: Array) -> Array:
+        def level_cut(level: Array, cuts: Array) -> Array:
+            def last_removed() -> Array:
+                running = jnp.cumsum(keys == thresholds[level], dtype=dtype)
+                return jnp.searchsorted(running, quota[level], side="left").astype(dtype)
 
-        return lax.cond(index == leaf, last_removed, lambda: cut)
+            return cuts.at[level].set(lax.cond(index == leaf[level], last_removed,
+                                               lambda: cuts[level]))
 
-    return leaf, fold_leaves(scores, locate, jnp.zeros((), dtype))
+        return lax.fori_loop(0, levels, level_cut, cuts)
+
+    return leaf, fold_leaves(scores, locate, jnp.zeros((levels,), dtype))
 
 
 @jax.jit
@@ -225,13 +235,10 @@ def _stacked_kept_masks(scores: list[Array], counts: Array) -> list[Array]:
     thresholds, below, equal = kth_keys(scores, jnp.maximum(counts, 1))
     ties_to_remove = jnp.maximum(counts, 1) - below
 
-    def cut(level: tuple[Array, ...]) -> tuple[Array, Array]:
-        threshold, ties, equal = level
-        return lax.cond(ties >= equal,
-                        lambda: (jnp.int32(len(scores)), jnp.zeros((), counts.dtype)),
-                        lambda: _tie_cut(scores, threshold, ties))
-
-    cut_leaf, cut_index = lax.map(cut, (thresholds, ties_to_remove, equal))
+    partial = ties_to_remove < equal
+    cut_leaf, cut_index = lax.cond(
+        jnp.any(partial), lambda: _tie_cuts(scores, thresholds, ties_to_remove, partial),
+        lambda: (jnp.full(counts.shape, len(scores), jnp.int32), jnp.zeros_like(counts)))
     groups = _size_groups(scores)
     position = {leaf: (g, j) for g, group in enumerate(groups) for j, leaf in enumerate(group)}
     slot = jnp.asarray([position[i][1] for i in range(len(scores))], jnp.int32)
