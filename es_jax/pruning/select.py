@@ -54,10 +54,10 @@ def count_dtype(total: int) -> jnp.dtype:
 
 
 def _size_groups(scores: Sequence[Array]) -> list[list[int]]:
-    """Indices of the arrays grouped by (size, dtype), in order of first appearance."""
-    groups: dict[tuple[int, str], list[int]] = {}
+    """Indices of the arrays grouped by size, in order of first appearance."""
+    groups: dict[int, list[int]] = {}
     for index, array in enumerate(scores):
-        groups.setdefault((array.size, str(array.dtype)), []).append(index)
+        groups.setdefault(array.size, []).append(index)
     return list(groups.values())
 
 
@@ -68,7 +68,8 @@ def fold_leaves(scores: Sequence[Array], body: Callable[[Array, Array, Carry], C
         if len(group) == 1:
             carry = body(jnp.int32(group[0]), sortable_keys(scores[group[0]].reshape(-1)), carry)
             continue
-        branches = [lambda s=scores[i]: s.reshape(-1) for i in group]
+        # float32 holds every score dtype exactly, so arrays of one size share a branch type.
+        branches = [lambda s=scores[i]: s.reshape(-1).astype(jnp.float32) for i in group]
         indices = jnp.asarray(group, jnp.int32)
 
         def step(j: Array, carry: Carry, branches: list = branches, indices: Array = indices):

@@ -139,6 +139,21 @@ def test_low_precision_leaves_prune_exactly():
         assert kept_min >= pruned_max
 
 
+def test_arrays_of_one_size_but_different_dtypes_prune_exactly():
+    rng = np.random.default_rng(3)
+    tree = {"a": jnp.asarray(rng.normal(size=(16, 8)), jnp.bfloat16),
+            "b": jnp.asarray(rng.normal(size=(8, 16)), jnp.float32),
+            "c": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)}
+    scores = np.concatenate([np.abs(np.asarray(tree[k], np.float32)).ravel() for k in "abc"])
+    for sparsity in (0.25, 0.6):
+        mask = pruning.unstructured(pruning.magnitude(tree), sparsity)
+        k = round(sparsity * scores.size)
+        expected = np.zeros(scores.size, bool)
+        expected[np.lexsort((np.arange(scores.size), scores))[:k]] = True
+        got = np.concatenate([~np.asarray(mask[name]).ravel() for name in "abc"])
+        np.testing.assert_array_equal(got, expected)
+
+
 def test_sample_miss_falls_back_to_exact_radix_select():
     # Half the weights sit on one tiny value and half are spread over many octaves, so the k-th key
     # for k just past the tie block is far from where a sample of this size would put a window.
