@@ -45,7 +45,7 @@ def find_runs(workdir: str | Path) -> list[Path]:
     workdir = Path(workdir)
     if checkpoint_dir(workdir).is_dir():
         return [workdir]
-    children = sorted(workdir.iterdir()) if workdir.is_dir() else []
+    children = sorted(workdir.iterdir(), key=lambda p: _natural(p.name)) if workdir.is_dir() else []
     runs = [p for p in children if checkpoint_dir(p).is_dir()]
     if not runs:
         raise ValueError(
@@ -58,11 +58,14 @@ def find_runs(workdir: str | Path) -> list[Path]:
 def open_run(run_dir: Path):
     """A read-only Orbax manager over a run's checkpoints."""
     import orbax.checkpoint as ocp
+    from grain import checkpoint as grain_checkpoint
 
     return ocp.CheckpointManager(
         checkpoint_dir(run_dir).absolute(),
-        options=ocp.CheckpointManagerOptions(read_only=True),
-        item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
+        # The data item is never read here; naming its handler keeps Orbax from warning about it.
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                       "data": grain_checkpoint.CheckpointHandler()},
     )
 
 
