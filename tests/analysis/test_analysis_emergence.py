@@ -118,7 +118,8 @@ def test_change_point_of_a_bent_line():
 def test_reports_and_plots_are_written(runs):
     root, _ = runs
     stored = json.loads((root / emergence.RESULTS_FILE).read_text())
-    assert [r["label"] for r in stored["runs"]] == ["data_100 (data 100%)", "data_60 (data 60%)"]
+    # Natural order of the run names: data_60 before data_100.
+    assert [r["label"] for r in stored["runs"]] == ["data_60 (data 60%)", "data_100 (data 100%)"]
     assert len(stored["comparison"]) == 2
     for run in ("data_100", "data_60"):
         assert json.loads((root / run / emergence.RESULTS_FILE).read_text())["steps"]
