@@ -4,15 +4,16 @@ Scores are mapped to order-preserving 32-bit keys. A sample of the keys estimate
 k-th key; one pass then scatters every key into a histogram that counts, key by key, a window of
 WINDOW keys around each estimate, and each gap between windows as a single bin. A k-th key that
 falls in a window is found exactly. If the sample missed (the k-th key lies in a gap, which is
-rare), two data-independent passes find it instead (a histogram of 2**16-key blocks, then a window
-on the right block). So any number of sparsity levels costs one pass over the weights in practice,
-the only cross-device traffic is a histogram, and no copy of the weights is concatenated.
+rare), two data-independent passes find it instead (a histogram of 2**16-key blocks, then the
+windowed pass again, on the right blocks). So any number of sparsity levels costs one pass over the
+weights in practice, the only cross-device traffic is a histogram, and no copy of the weights is
+concatenated.
 
 Ties are broken by leaf order, then by flat index: the elements removed for k are the first k in the
 order (key, leaf, flat index), so the count is exact and masks for increasing k are nested.
 
-Every per-array loop runs as a `fori_loop` over the arrays of one size (picked with `lax.switch`),
-so the compiled program grows with the number of distinct array sizes, not the number of arrays.
+Every per-array pass runs as a `fori_loop` over the arrays of one size, each array read in place by
+its own `lax.switch` branch.
 """
 
 from __future__ import annotations
@@ -61,19 +62,24 @@ def _size_groups(scores: Sequence[Array]) -> list[list[int]]:
     return list(groups.values())
 
 
-def fold_leaves(scores: Sequence[Array], body: Callable[[Array, Array, Carry], Carry],
+def fold_leaves(scores: Sequence[Array], body: Callable[[int, Array, Carry], Carry],
                 carry: Carry) -> Carry:
-    """carry = body(index, flat keys, carry) for each array, compiled once per array size."""
+    """carry = body(index, flat keys, carry) for each array, looping over the arrays of one size.
+
+    Each array gets its own `lax.switch` branch that reads it in place (a branch returning the
+    array instead would copy it on every step).
+    """
+    def on_keys(carry: Carry, index: int) -> Carry:
+        return body(index, sortable_keys(scores[index].reshape(-1)), carry)
+
     for group in _size_groups(scores):
         if len(group) == 1:
-            carry = body(jnp.int32(group[0]), sortable_keys(scores[group[0]].reshape(-1)), carry)
+            carry = on_keys(carry, group[0])
             continue
-        # float32 holds every score dtype exactly, so arrays of one size share a branch type.
-        branches = [lambda s=scores[i]: s.reshape(-1).astype(jnp.float32) for i in group]
-        indices = jnp.asarray(group, jnp.int32)
+        branches = [lambda carry, i=i: on_keys(carry, i) for i in group]
 
-        def step(j: Array, carry: Carry, branches: list = branches, indices: Array = indices):
-            return body(indices[j], sortable_keys(lax.switch(j, branches)), carry)
+        def step(position: Array, carry: Carry, branches: list = branches) -> Carry:
+            return lax.switch(position, branches, carry)
 
         carry = lax.fori_loop(0, len(group), step, carry)
     return carry
@@ -87,22 +93,16 @@ def _sample(scores: Sequence[Array], sample_size: int) -> Array:
     """
     total = sum(s.size for s in scores)
     counts = [max(1, round(sample_size * s.size / total)) for s in scores]
-    offsets = jnp.asarray(np.cumsum([0, *counts[:-1]]), jnp.int32)
+    offsets = np.cumsum([0, *counts[:-1]])
     sample = jnp.zeros((sum(counts),), jnp.uint32)
 
-    def body(index: Array, keys: Array, sample: Array) -> Array:
-        count = counts[int(_first(scores, keys.size))]
-        steps = jnp.arange(count, dtype=jnp.uint32) + index.astype(jnp.uint32) * jnp.uint32(7919)
+    def body(index: int, keys: Array, sample: Array) -> Array:
+        steps = jnp.arange(counts[index], dtype=jnp.uint32) + jnp.uint32(index * 7919)
         fraction = (steps * jnp.uint32(0x9E3779B9)).astype(jnp.float32) * (1.0 / 2**32)
         positions = jnp.minimum((fraction * keys.size).astype(jnp.int32), keys.size - 1)
         return lax.dynamic_update_slice(sample, keys[positions], (offsets[index],))
 
     return jnp.sort(fold_leaves(scores, body, sample))
-
-
-def _first(scores: Sequence[Array], size: int) -> int:
-    """The index of the first array of a given size."""
-    return next(i for i, s in enumerate(scores) if s.size == size)
 
 
 def _disjoint(starts: Array) -> Array:
@@ -114,34 +114,50 @@ def _disjoint(starts: Array) -> Array:
     return jnp.stack(out)
 
 
-def _window_starts(sample: Array, total: int, ks: Array) -> Array:
-    """One window of keys per k, centred on the sample's estimate of the k-th key."""
+def _sample_windows(sample: Array, total: int, ks: Array) -> tuple[Array, Array]:
+    """Per k, a window of keys (start, length) that the sample says holds the k-th key.
+
+    The window spans the sample's keys within four standard deviations of the k-th key's rank,
+    at most WINDOW keys around the estimate: the fewer keys and weights a window covers, the
+    fewer scattered counts miss the cache.
+    """
     m = sample.size
-    rank = jnp.round(ks.astype(jnp.float32) * (m / total)).astype(jnp.int32) - 1
-    estimates = sample[jnp.clip(rank, 0, m - 1)]
-    starts = jnp.maximum(estimates, WINDOW // 2) - WINDOW // 2
-    return _disjoint(jnp.minimum(starts, _TOP))
+    p = ks.astype(jnp.float32) / total
+    rank = jnp.round(p * m).astype(jnp.int32) - 1
+    spread = (4 * jnp.sqrt(m * p * (1 - p))).astype(jnp.int32) + 2
+    estimate = sample[jnp.clip(rank, 0, m - 1)]
+    low = jnp.where(rank - spread < 0, 0, sample[jnp.clip(rank - spread, 0, m - 1)])
+    high = jnp.where(rank + spread >= m, jnp.uint32(2**32 - 1),
+                     sample[jnp.clip(rank + spread, 0, m - 1)])
+    narrow = high - low < WINDOW
+    start = jnp.where(narrow, low, jnp.maximum(estimate, WINDOW // 2) - WINDOW // 2)
+    start = jnp.minimum(start, _TOP)
+    last = jnp.where(narrow, high, start + (WINDOW - 1))
+    start = _disjoint(start)
+    return start, jnp.where(last >= start, last - start + 1, 0)
 
 
-def _windowed_histogram(scores: Sequence[Array], starts: Array, dtype: jnp.dtype) -> Array:
+def _windowed_histogram(scores: Sequence[Array], starts: Array, lengths: Array,
+                        dtype: jnp.dtype) -> Array:
     """One pass: per-key counts inside each window, one count for each gap between windows.
 
-    Bin layout, in key order: gap 0, window 0 (WINDOW bins), gap 1, window 1, ..., gap L. While
+    Window l covers keys [starts[l], starts[l] + lengths[l]), lengths at most WINDOW. Bin layout,
+    in key order: gap 0, window 0 (WINDOW bins), gap 1, window 1, ..., gap L. While
     counting, each gap is spread over GAP_SPREAD bins by the key's low bits: nearly every weight
     falls in a gap, and adding to one address over and over would serialise the scatter.
     """
     levels = starts.shape[0]
     stride = WINDOW + GAP_SPREAD
 
-    def body(_: Array, keys: Array, hist: Array) -> Array:
+    def body(_: int, keys: Array, hist: Array) -> Array:
         spread = (keys & jnp.uint32(GAP_SPREAD - 1)).astype(jnp.int32)
         index = spread
         for level in range(levels):
             offset = keys - starts[level]
             inside = level * stride + GAP_SPREAD + jnp.minimum(offset, WINDOW - 1).astype(jnp.int32)
             after = (level + 1) * stride + spread
-            index = jnp.where(keys >= starts[level], jnp.where(offset < WINDOW, inside, after),
-                              index)
+            index = jnp.where(keys >= starts[level],
+                              jnp.where(offset < lengths[level], inside, after), index)
         # Bins are in range by construction; promising so skips XLA's per-update bounds handling.
         return hist.at[index].add(jnp.ones((), dtype), mode="promise_in_bounds")
 
@@ -168,30 +184,41 @@ def _windowed_kth(hist: Array, starts: Array, k: Array) -> tuple[Array, ...]:
 
 def _block_histogram(scores: Sequence[Array], dtype: jnp.dtype) -> Array:
     """One pass: counts of keys per block of 2**BLOCK_BITS consecutive keys."""
-    def body(_: Array, keys: Array, hist: Array) -> Array:
+    def body(_: int, keys: Array, hist: Array) -> Array:
         block = (keys >> BLOCK_BITS).astype(jnp.int32)
         return hist.at[block].add(jnp.ones((), dtype), mode="promise_in_bounds")
 
     return fold_leaves(scores, body, jnp.zeros((NUM_BLOCKS,), dtype))
 
 
-def _radix_kth(scores: Sequence[Array], ks: Array) -> tuple[Array, ...]:
-    """Two data-independent passes: each k-th key's block, then a window starting on that block."""
+def _block_windows(scores: Sequence[Array], ks: Array) -> tuple[Array, Array]:
+    """Windows that surely hold the k-th keys: each starts on its k-th key's block of keys."""
     cumulative = jnp.cumsum(_block_histogram(scores, ks.dtype))
     block = jnp.searchsorted(cumulative, ks, side="left").astype(jnp.uint32)
     starts = _disjoint(jnp.minimum(block << BLOCK_BITS, _TOP))
-    hist = _windowed_histogram(scores, starts, ks.dtype)
-    _, key, below, equal = jax.vmap(lambda k: _windowed_kth(hist, starts, k))(ks)
-    return key, below, equal
+    return starts, jnp.full_like(starts, WINDOW)
 
 
 def kth_keys(scores: Sequence[Array], ks: Array) -> tuple[Array, Array, Array]:
-    """For ascending ks (1 <= k <= size): the k-th key, the count below it, the count equal."""
+    """For ascending ks (1 <= k <= size): the k-th key, the count below it, the count equal.
+
+    The windowed pass runs once on the sample's windows and, only if one missed, once more on
+    windows placed by a block histogram (the loop keeps a single compiled copy of the pass).
+    """
     total = sum(s.size for s in scores)
-    starts = _window_starts(_sample(scores, min(SAMPLE_SIZE, 4 * total)), total, ks)
-    hist = _windowed_histogram(scores, starts, ks.dtype)
-    found, key, below, equal = jax.vmap(lambda k: _windowed_kth(hist, starts, k))(ks)
-    return lax.cond(jnp.all(found), lambda: (key, below, equal), lambda: _radix_kth(scores, ks))
+    windows = _sample_windows(_sample(scores, min(SAMPLE_SIZE, 4 * total)), total, ks)
+
+    def attempt(state: tuple[Array, ...]) -> tuple[Array, ...]:
+        windows = state[0]
+        hist = _windowed_histogram(scores, *windows, ks.dtype)
+        found, key, below, equal = jax.vmap(lambda k: _windowed_kth(hist, windows[0], k))(ks)
+        done = jnp.all(found)
+        windows = lax.cond(done, lambda: windows, lambda: _block_windows(scores, ks))
+        return windows, done, key, below, equal
+
+    zeros = jnp.zeros_like(ks)
+    state = (windows, jnp.bool_(False), zeros, zeros, zeros)
+    return lax.while_loop(lambda state: ~state[1], attempt, state)[2:]
 
 
 def _tie_cuts(scores: Sequence[Array], thresholds: Array, ties_to_remove: Array,
@@ -205,7 +232,7 @@ def _tie_cuts(scores: Sequence[Array], thresholds: Array, ties_to_remove: Array,
     dtype = ties_to_remove.dtype
     levels = thresholds.shape[0]
 
-    def count(index: Array, keys: Array, counts: Array) -> Array:
+    def count(index: int, keys: Array, counts: Array) -> Array:
         tied = keys[None, :] == thresholds[:, None]
         return counts.at[index].set(jnp.sum(tied, axis=1, dtype=dtype))
 
@@ -216,23 +243,30 @@ def _tie_cuts(scores: Sequence[Array], thresholds: Array, ties_to_remove: Array,
     before = jnp.where(leaf > 0, cumulative[jnp.maximum(leaf - 1, 0), jnp.arange(levels)], 0)
     quota = ties_to_remove - before
 
-    def locate(index: Array, keys: Array, cuts: Array) -> Array:
-        def level_cut(level: Array, cuts: Array) -> Array:
-            def last_removed() -> Array:
-                running = jnp.cumsum(keys == thresholds[level], dtype=dtype)
-                return jnp.searchsorted(running, quota[level], side="left").astype(dtype)
+    groups = _size_groups(scores)
+    group_of = np.zeros(len(scores) + 1, np.int32)
+    for g, group in enumerate(groups):
+        group_of[group] = g
+    group_of[-1] = len(groups)
 
-            return cuts.at[level].set(lax.cond(index == leaf[level], last_removed,
-                                               lambda: cuts[level]))
+    def cut_in(group: list[int], level: Array) -> Array:
+        # Only the cut leaf is read, so it may be copied out: float32 holds every score dtype.
+        member = jnp.argmax(jnp.asarray(group) == leaf[level])
+        flat = lax.switch(member, [lambda i=i: scores[i].reshape(-1).astype(jnp.float32)
+                                   for i in group])
+        running = jnp.cumsum(sortable_keys(flat) == thresholds[level], dtype=dtype)
+        return jnp.searchsorted(running, quota[level], side="left").astype(dtype)
 
-        return lax.fori_loop(0, levels, level_cut, cuts)
+    def level_cut(level: Array, cuts: Array) -> Array:
+        branches = [lambda g=g: cut_in(g, level) for g in groups] + [lambda: jnp.zeros((), dtype)]
+        return cuts.at[level].set(lax.switch(jnp.asarray(group_of)[leaf[level]], branches))
 
-    return leaf, fold_leaves(scores, locate, jnp.zeros((levels,), dtype))
+    return leaf, lax.fori_loop(0, levels, level_cut, jnp.zeros((levels,), dtype))
 
 
 @jax.jit
-def _stacked_kept_masks(scores: list[Array], counts: Array) -> list[Array]:
-    """Kept masks stacked per size group, shape (levels, arrays in group, size)."""
+def _kept_masks(scores: list[Array], counts: Array) -> list[Array]:
+    """Per array, its kept masks for every count, shape (levels, *array shape)."""
     thresholds, below, equal = kth_keys(scores, jnp.maximum(counts, 1))
     ties_to_remove = jnp.maximum(counts, 1) - below
 
@@ -240,32 +274,16 @@ def _stacked_kept_masks(scores: list[Array], counts: Array) -> list[Array]:
     cut_leaf, cut_index = lax.cond(
         jnp.any(partial), lambda: _tie_cuts(scores, thresholds, ties_to_remove, partial),
         lambda: (jnp.full(counts.shape, len(scores), jnp.int32), jnp.zeros_like(counts)))
-    groups = _size_groups(scores)
-    position = {leaf: (g, j) for g, group in enumerate(groups) for j, leaf in enumerate(group)}
-    slot = jnp.asarray([position[i][1] for i in range(len(scores))], jnp.int32)
-
-    def write(index: Array, keys: Array, masks: list[Array]) -> list[Array]:
+    masks = []
+    for index, array in enumerate(scores):
+        keys = sortable_keys(array.reshape(-1))
         flat_index = jnp.arange(keys.size, dtype=counts.dtype)
-        tie_removed = ((index < cut_leaf)[:, None] | ((index == cut_leaf)[:, None]
-                                                      & (flat_index <= cut_index[:, None])))
+        tie_removed = (index < cut_leaf)[:, None] | ((index == cut_leaf)[:, None]
+                                                     & (flat_index <= cut_index[:, None]))
         tied = keys == thresholds[:, None]
         kept = (keys > thresholds[:, None]) | (tied & ~tie_removed) | (counts == 0)[:, None]
-        group = next(g for g, group in enumerate(groups) if scores[group[0]].size == keys.size)
-        masks = list(masks)
-        masks[group] = lax.dynamic_update_index_in_dim(masks[group], kept, slot[index], axis=1)
-        return masks
-
-    empty = [jnp.zeros((counts.shape[0], len(group), scores[group[0]].size), bool)
-             for group in groups]
-    return fold_leaves(scores, write, empty)
-
-
-def _unstack(scores: Sequence[Array], stacked: list[Array], levels: int) -> list[list[Array]]:
-    """Per-level, per-array masks from the masks stacked per size group."""
-    position = {leaf: (g, j) for g, group in enumerate(_size_groups(scores))
-                for j, leaf in enumerate(group)}
-    return [[stacked[position[i][0]][level, position[i][1]].reshape(scores[i].shape)
-             for i in range(len(scores))] for level in range(levels)]
+        masks.append(kept.reshape(counts.shape + array.shape))
+    return masks
 
 
 def kept_masks(scores: Sequence[Array], counts_to_remove: Sequence[int]) -> list[list[Array]]:
@@ -279,5 +297,5 @@ def kept_masks(scores: Sequence[Array], counts_to_remove: Sequence[int]) -> list
     if counts_to_remove and not 0 <= counts_to_remove[0] <= counts_to_remove[-1] <= total:
         raise ValueError(f"counts to remove must lie in [0, {total}], got {list(counts_to_remove)}")
     counts = jnp.asarray(list(counts_to_remove), count_dtype(total))
-    scores = [jnp.asarray(s) for s in scores]
-    return _unstack(scores, _stacked_kept_masks(scores, counts), len(counts_to_remove))
+    per_array = _kept_masks([jnp.asarray(s) for s in scores], counts)
+    return [[masks[level] for masks in per_array] for level in range(len(counts_to_remove))]

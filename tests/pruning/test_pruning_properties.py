@@ -1,5 +1,6 @@
 """Properties of the pruning transforms, checked with hypothesis against a numpy reference."""
 
+import importlib
 import itertools
 
 import jax
@@ -9,6 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from es_jax import pruning
+
+# The module, not `pruning.select` (the leaf selector the package exports under that name).
+select = importlib.import_module("es_jax.pruning.select")
 
 SETTINGS = settings(max_examples=20, deadline=None)
 
@@ -162,7 +166,15 @@ def test_sample_miss_falls_back_to_exact_radix_select():
     tree = {"w": jnp.asarray(np.concatenate([np.full(3000, 1e-3, np.float32), spread]))
             .reshape(60, 100)}
     scores = np.abs(np.asarray(tree["w"])).ravel()
-    for sparsity in (0.01, 0.499, 0.5, 0.5005, 0.73, 0.999):
+    sparsities = (0.01, 0.499, 0.5, 0.5005, 0.73, 0.999)
+    # The sample's windows really do miss one of these k-th keys, so the fallback is exercised.
+    leaves, ks = [jnp.abs(tree["w"])], jnp.asarray([round(s * scores.size) for s in sparsities],
+                                                    jnp.uint32)
+    sample = select._sample(leaves, min(select.SAMPLE_SIZE, 4 * scores.size))
+    starts, lengths = select._sample_windows(sample, scores.size, ks)
+    hist = select._windowed_histogram(leaves, starts, lengths, jnp.uint32)
+    assert not all(select._windowed_kth(hist, starts, k)[0] for k in ks)
+    for sparsity in sparsities:
         mask = pruning.unstructured(pruning.magnitude(tree, where="w"), sparsity)
         k = round(sparsity * scores.size)
         expected = np.zeros(scores.size, bool)
