@@ -38,10 +38,13 @@ _TOP = np.uint32(2**32 - WINDOW)
 
 
 def sortable_keys(scores: Array) -> Array:
-    """Order-preserving uint32 keys of float scores (bf16/fp16 widen exactly; -0.0 ties 0.0)."""
-    x = scores.astype(jnp.float32)
-    x = jnp.where(x == 0, jnp.float32(0), x)
-    bits = lax.bitcast_convert_type(x, jnp.uint32)
+    """Order-preserving uint32 keys of float scores (bf16/fp16 widen exactly; -0.0 ties 0.0).
+
+    Built from the bits alone, so subnormal scores keep their order on every backend (XLA:CPU's
+    float arithmetic would flush them to zero).
+    """
+    bits = lax.bitcast_convert_type(scores.astype(jnp.float32), jnp.uint32)
+    bits = jnp.where((bits & jnp.uint32(0x7FFFFFFF)) == 0, jnp.uint32(0), bits)
     negative = (bits >> 31) == 1
     return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
 
@@ -64,25 +67,54 @@ def _size_groups(scores: Sequence[Array]) -> list[list[int]]:
 
 def fold_leaves(scores: Sequence[Array], body: Callable[[int, Array, Carry], Carry],
                 carry: Carry) -> Carry:
-    """carry = body(index, flat keys, carry) for each array, looping over the arrays of one size.
+    """carry = body(index, flat array, carry) for each array, looping over the arrays of one size.
 
     Each array gets its own `lax.switch` branch that reads it in place (a branch returning the
     array instead would copy it on every step).
     """
-    def on_keys(carry: Carry, index: int) -> Carry:
-        return body(index, sortable_keys(scores[index].reshape(-1)), carry)
+    def on_array(carry: Carry, index: int) -> Carry:
+        return body(index, scores[index].reshape(-1), carry)
 
     for group in _size_groups(scores):
         if len(group) == 1:
-            carry = on_keys(carry, group[0])
+            carry = on_array(carry, group[0])
             continue
-        branches = [lambda carry, i=i: on_keys(carry, i) for i in group]
+        branches = [lambda carry, i=i: on_array(carry, i) for i in group]
 
         def step(position: Array, carry: Carry, branches: list = branches) -> Carry:
             return lax.switch(position, branches, carry)
 
         carry = lax.fori_loop(0, len(group), step, carry)
     return carry
+
+
+def _histogram(scores: Sequence[Array], bin_of: Callable[[Array], Array], size: int,
+               dtype: jnp.dtype) -> Array:
+    """Counts of bin_of(keys) over every array: one scatter-add pass.
+
+    A branch that scatters into the histogram gets its own copy of it from XLA, so a large
+    histogram is updated outside the branches instead, from the bins each branch returns.
+    """
+    hist = jnp.zeros((size,), dtype)
+
+    def add(hist: Array, bins: Array) -> Array:
+        # Bins are in range by construction; promising so skips XLA's per-update bounds handling.
+        return hist.at[bins].add(jnp.ones((), dtype), mode="promise_in_bounds")
+
+    if len(scores) * size <= sum(s.size for s in scores):
+        return fold_leaves(scores, lambda _, flat, hist: add(hist, bin_of(sortable_keys(flat))),
+                           hist)
+    for group in _size_groups(scores):
+        branches = [lambda i=i: bin_of(sortable_keys(scores[i].reshape(-1))) for i in group]
+        if len(group) == 1:
+            hist = add(hist, branches[0]())
+            continue
+
+        def step(position: Array, hist: Array, branches: list = branches) -> Array:
+            return add(hist, lax.switch(position, branches))
+
+        hist = lax.fori_loop(0, len(group), step, hist)
+    return hist
 
 
 def _sample(scores: Sequence[Array], sample_size: int) -> Array:
@@ -96,11 +128,11 @@ def _sample(scores: Sequence[Array], sample_size: int) -> Array:
     offsets = np.cumsum([0, *counts[:-1]])
     sample = jnp.zeros((sum(counts),), jnp.uint32)
 
-    def body(index: int, keys: Array, sample: Array) -> Array:
+    def body(index: int, flat: Array, sample: Array) -> Array:
         steps = jnp.arange(counts[index], dtype=jnp.uint32) + jnp.uint32(index * 7919)
         fraction = (steps * jnp.uint32(0x9E3779B9)).astype(jnp.float32) * (1.0 / 2**32)
-        positions = jnp.minimum((fraction * keys.size).astype(jnp.int32), keys.size - 1)
-        return lax.dynamic_update_slice(sample, keys[positions], (offsets[index],))
+        positions = jnp.minimum((fraction * flat.size).astype(jnp.int32), flat.size - 1)
+        return lax.dynamic_update_slice(sample, sortable_keys(flat[positions]), (offsets[index],))
 
     return jnp.sort(fold_leaves(scores, body, sample))
 
@@ -142,53 +174,60 @@ def _windowed_histogram(scores: Sequence[Array], starts: Array, lengths: Array,
     """One pass: per-key counts inside each window, one count for each gap between windows.
 
     Window l covers keys [starts[l], starts[l] + lengths[l]), lengths at most WINDOW. Bin layout,
-    in key order: gap 0, window 0 (WINDOW bins), gap 1, window 1, ..., gap L. While
-    counting, each gap is spread over GAP_SPREAD bins by the key's low bits: nearly every weight
-    falls in a gap, and adding to one address over and over would serialise the scatter.
+    in key order: gap 0 (GAP_SPREAD bins), window 0 (WINDOW bins), gap 1, window 1, ..., gap L.
+    Each gap's count is spread over its bins by the key's low bits: nearly every weight falls in a
+    gap, and adding to one address over and over would serialise the scatter.
     """
     levels = starts.shape[0]
     stride = WINDOW + GAP_SPREAD
+    # Per window: what to add to a key to get its bin (uint32 arithmetic wraps to the bin), the
+    # key just past the window, and the first bin of the gap after it.
+    shift = jnp.arange(levels, dtype=jnp.uint32) * stride + GAP_SPREAD - starts
+    ends = starts + lengths
 
-    def body(_: int, keys: Array, hist: Array) -> Array:
-        spread = (keys & jnp.uint32(GAP_SPREAD - 1)).astype(jnp.int32)
-        index = spread
+    def bin_of(keys: Array) -> Array:
+        # Windows are ascending and disjoint: the last one starting at or below a key is its own.
+        key_shift, end, gap = jnp.uint32(0), jnp.uint32(0), jnp.int32(0)
         for level in range(levels):
-            offset = keys - starts[level]
-            inside = level * stride + GAP_SPREAD + jnp.minimum(offset, WINDOW - 1).astype(jnp.int32)
-            after = (level + 1) * stride + spread
-            index = jnp.where(keys >= starts[level],
-                              jnp.where(offset < lengths[level], inside, after), index)
-        # Bins are in range by construction; promising so skips XLA's per-update bounds handling.
-        return hist.at[index].add(jnp.ones((), dtype), mode="promise_in_bounds")
+            started = keys >= starts[level]
+            key_shift = jnp.where(started, shift[level], key_shift)
+            end = jnp.where(started, ends[level], end)
+            gap = jnp.where(started, (level + 1) * stride, gap)
+        spread = (keys & jnp.uint32(GAP_SPREAD - 1)).astype(jnp.int32)
+        return jnp.where(keys < end, (keys + key_shift).astype(jnp.int32), gap + spread)
 
-    spread_hist = fold_leaves(scores, body, jnp.zeros((levels * stride + GAP_SPREAD,), dtype))
-    parts = []
-    for level in range(levels + 1):
-        gap = spread_hist[level * stride:level * stride + GAP_SPREAD]
-        parts.append(jnp.sum(gap, dtype=dtype)[None])
-        if level < levels:
-            parts.append(spread_hist[level * stride + GAP_SPREAD:(level + 1) * stride])
-    return jnp.concatenate(parts)
+    return _histogram(scores, bin_of, levels * stride + GAP_SPREAD, dtype)
 
 
-def _windowed_kth(hist: Array, starts: Array, k: Array) -> tuple[Array, ...]:
-    """The k-th key from a windowed histogram: (found, key, count below it, count equal)."""
-    cumulative = jnp.cumsum(hist)
-    position = jnp.searchsorted(cumulative, k, side="left").astype(jnp.int32)
-    level, within = position // (WINDOW + 1), position % (WINDOW + 1)
-    found = within > 0
-    key = starts[jnp.minimum(level, starts.shape[0] - 1)] + (within - 1).astype(jnp.uint32)
-    below = jnp.where(position > 0, cumulative[jnp.maximum(position - 1, 0)], 0)
-    return found, key, below.astype(hist.dtype), hist[position]
+def _windowed_kth(hist: Array, starts: Array, ks: Array) -> tuple[Array, ...]:
+    """Each k-th key from a windowed histogram: (found, key, count below it, count equal).
+
+    Searched in two levels, blocks of GAP_SPREAD bins and then one block, because a running
+    total over every bin is slow on XLA:CPU. Each gap fills exactly one block.
+    """
+    blocks_per_level = WINDOW // GAP_SPREAD + 1
+    block_totals = jnp.cumsum(jnp.sum(hist.reshape(-1, GAP_SPREAD), axis=1, dtype=hist.dtype))
+
+    def one(k: Array) -> tuple[Array, ...]:
+        block = jnp.searchsorted(block_totals, k, side="left").astype(jnp.int32)
+        before = jnp.where(block > 0, block_totals[jnp.maximum(block - 1, 0)], 0)
+        counts = lax.dynamic_slice(hist, (block * GAP_SPREAD,), (GAP_SPREAD,))
+        running = before + jnp.cumsum(counts, dtype=hist.dtype)
+        j = jnp.searchsorted(running, k, side="left").astype(jnp.int32)
+        level, offset = block // blocks_per_level, block % blocks_per_level - 1
+        found = offset >= 0
+        key = (starts[jnp.minimum(level, starts.shape[0] - 1)]
+               + (offset * GAP_SPREAD + j).astype(jnp.uint32))
+        below = jnp.where(j > 0, running[jnp.maximum(j - 1, 0)], before)
+        return found, key, below.astype(hist.dtype), counts[j]
+
+    return jax.vmap(one)(ks)
 
 
 def _block_histogram(scores: Sequence[Array], dtype: jnp.dtype) -> Array:
     """One pass: counts of keys per block of 2**BLOCK_BITS consecutive keys."""
-    def body(_: int, keys: Array, hist: Array) -> Array:
-        block = (keys >> BLOCK_BITS).astype(jnp.int32)
-        return hist.at[block].add(jnp.ones((), dtype), mode="promise_in_bounds")
-
-    return fold_leaves(scores, body, jnp.zeros((NUM_BLOCKS,), dtype))
+    return _histogram(scores, lambda keys: (keys >> BLOCK_BITS).astype(jnp.int32), NUM_BLOCKS,
+                      dtype)
 
 
 def _block_windows(scores: Sequence[Array], ks: Array) -> tuple[Array, Array]:
@@ -211,7 +250,7 @@ def kth_keys(scores: Sequence[Array], ks: Array) -> tuple[Array, Array, Array]:
     def attempt(state: tuple[Array, ...]) -> tuple[Array, ...]:
         windows = state[0]
         hist = _windowed_histogram(scores, *windows, ks.dtype)
-        found, key, below, equal = jax.vmap(lambda k: _windowed_kth(hist, windows[0], k))(ks)
+        found, key, below, equal = _windowed_kth(hist, windows[0], ks)
         done = jnp.all(found)
         windows = lax.cond(done, lambda: windows, lambda: _block_windows(scores, ks))
         return windows, done, key, below, equal
@@ -219,6 +258,18 @@ def kth_keys(scores: Sequence[Array], ks: Array) -> tuple[Array, Array, Array]:
     zeros = jnp.zeros_like(ks)
     state = (windows, jnp.bool_(False), zeros, zeros, zeros)
     return lax.while_loop(lambda state: ~state[1], attempt, state)[2:]
+
+
+def _key_values(keys: Array) -> Array:
+    """The float32 scores that `sortable_keys` maps to these keys."""
+    positive = (keys >> 31) == 1
+    bits = jnp.where(positive, keys & jnp.uint32(0x7FFFFFFF), ~keys)
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _row_length(size: int) -> int:
+    """The largest divisor of `size` up to 4096: rows short enough to count in float32."""
+    return next(r for r in range(min(size, 4096), 0, -1) if size % r == 0)
 
 
 def _tie_cuts(scores: Sequence[Array], thresholds: Array, ties_to_remove: Array,
@@ -231,12 +282,28 @@ def _tie_cuts(scores: Sequence[Array], thresholds: Array, ties_to_remove: Array,
     """
     dtype = ties_to_remove.dtype
     levels = thresholds.shape[0]
+    values = _key_values(thresholds)
+    # Float arithmetic tells ties apart exactly unless a threshold is tiny (or infinite), where
+    # flushed subnormals would blur it; those levels are counted on the integer keys instead.
+    fast = jnp.all(~partial | (jnp.abs(values) >= 2.0**-100) & jnp.isfinite(values))
 
-    def count(index: int, keys: Array, counts: Array) -> Array:
-        tied = keys[None, :] == thresholds[:, None]
-        return counts.at[index].set(jnp.sum(tied, axis=1, dtype=dtype))
+    def counts_with(row_ties: Callable[[Array], Array]) -> Array:
+        def count(index: int, flat: Array, counts: Array) -> Array:
+            return counts.at[index].set(jnp.sum(row_ties(flat), axis=1, dtype=dtype))
 
-    per_leaf = fold_leaves(scores, count, jnp.zeros((len(scores), levels), dtype))
+        return fold_leaves(scores, count, jnp.zeros((len(scores), levels), dtype))
+
+    def float_row_ties(flat: Array) -> Array:
+        rows = flat.astype(jnp.float32).reshape(-1, _row_length(flat.size))
+        differs = jnp.minimum(jnp.ceil(jnp.abs(rows[None] - values[:, None, None])), 1.0)
+        return (rows.shape[1] - jnp.sum(differs, axis=2)).astype(dtype)
+
+    def key_row_ties(flat: Array) -> Array:
+        rows = sortable_keys(flat).reshape(-1, _row_length(flat.size))
+        return jnp.sum(rows[None] == thresholds[:, None, None], axis=2, dtype=dtype)
+
+    per_leaf = lax.cond(fast, lambda: counts_with(float_row_ties),
+                        lambda: counts_with(key_row_ties))
     cumulative = jnp.cumsum(per_leaf, axis=0)
     leaf = jax.vmap(lambda c, t: jnp.searchsorted(c, t, side="left"))(cumulative.T, ties_to_remove)
     leaf = jnp.where(partial, leaf.astype(jnp.int32), len(scores))
@@ -254,8 +321,14 @@ def _tie_cuts(scores: Sequence[Array], thresholds: Array, ties_to_remove: Array,
         member = jnp.argmax(jnp.asarray(group) == leaf[level])
         flat = lax.switch(member, [lambda i=i: scores[i].reshape(-1).astype(jnp.float32)
                                    for i in group])
-        running = jnp.cumsum(sortable_keys(flat) == thresholds[level], dtype=dtype)
-        return jnp.searchsorted(running, quota[level], side="left").astype(dtype)
+        # The row holding the cut, then the cut within that row: short running totals only.
+        rows = sortable_keys(flat).reshape(-1, _row_length(flat.size)) == thresholds[level]
+        row_totals = jnp.cumsum(jnp.sum(rows, axis=1, dtype=dtype))
+        row = jnp.searchsorted(row_totals, quota[level], side="left").astype(jnp.int32)
+        before_row = jnp.where(row > 0, row_totals[jnp.maximum(row - 1, 0)], 0)
+        running = jnp.cumsum(rows[row], dtype=dtype)
+        column = jnp.searchsorted(running, quota[level] - before_row, side="left")
+        return (row * rows.shape[1] + column).astype(dtype)
 
     def level_cut(level: Array, cuts: Array) -> Array:
         branches = [lambda g=g: cut_in(g, level) for g in groups] + [lambda: jnp.zeros((), dtype)]
