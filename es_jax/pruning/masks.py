@@ -6,7 +6,7 @@ on leaves that are not targets.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from es_jax.pruning.paths import PyTree, Selector, check_like, path_string
-from es_jax.pruning.scores import magnitude, random_scores
+from es_jax.pruning.scores import map_targets, random_scores
 from es_jax.pruning.select import kept_masks, sortable_keys
 
 Array = jax.Array
@@ -55,10 +55,14 @@ def _assemble(treedef: Any, leaves: list[Any], targets: list[int], kept: list[Ar
 
 
 def unstructured(scores: PyTree, sparsity: Sparsity,
-                 scope: Literal["global", "layerwise"] = "global") -> PyTree | list[PyTree]:
+                 scope: Literal["global", "layerwise"] = "global",
+                 transform: Callable[[Array], Array] | None = None) -> PyTree | list[PyTree]:
     """Removes the lowest scores: exactly round(s * n) of the n target weights (global) or per leaf.
 
-    A list of sparsities gives a list of nested masks from one selection.
+    A list of sparsities gives a list of nested masks from one selection. With `transform` (an
+    elementwise function, e.g. `jnp.abs` on a tree of the target weights) the scores are
+    `transform(leaf)`, computed inside the selection instead of stored: the same masks as
+    `unstructured(jax.tree.map(transform, scores), ...)`, with one pass and 4 bytes/weight less.
     """
     levels, single = _levels(sparsity)
     _, leaves, treedef = _score_leaves(scores)
@@ -67,9 +71,10 @@ def unstructured(scores: PyTree, sparsity: Sparsity,
     ascending = sorted(levels)
     if scope == "global":
         total = sum(a.size for a in arrays)
-        per_level = kept_masks(arrays, [round(s * total) for s in ascending])
+        per_level = kept_masks(arrays, [round(s * total) for s in ascending], transform)
     elif scope == "layerwise":
-        per_leaf = [kept_masks([a], [round(s * a.size) for s in ascending]) for a in arrays]
+        per_leaf = [kept_masks([a], [round(s * a.size) for s in ascending], transform)
+                    for a in arrays]
         per_level = [[leaf_levels[level][0] for leaf_levels in per_leaf]
                      for level in range(len(levels))]
     else:
@@ -155,8 +160,13 @@ def apply(params: PyTree, mask: PyTree) -> PyTree:
 
 def omp(params: PyTree, sparsity: Sparsity, where: Selector | None = None,
         scope: Literal["global", "layerwise"] = "global") -> tuple[Any, Any]:
-    """One-shot magnitude pruning: (pruned params, mask), or lists of both for a list of levels."""
-    masks = unstructured(magnitude(params, where), sparsity, scope=scope)
+    """One-shot magnitude pruning: (pruned params, mask), or lists of both for a list of levels.
+
+    The same masks as `unstructured(magnitude(params, where), ...)`, with |w| computed inside the
+    selection instead of stored.
+    """
+    targets = map_targets(params, where, lambda _, __, leaf: leaf)
+    masks = unstructured(targets, sparsity, scope=scope, transform=jnp.abs)
     if isinstance(masks, list):
         return [apply(params, m) for m in masks], masks
     return apply(params, masks), masks

@@ -57,15 +57,52 @@ def count_dtype(total: int) -> jnp.dtype:
                      f"the model in parts (e.g. layer-wise) or select fewer leaves")
 
 
-def _size_groups(scores: Sequence[Array]) -> list[list[int]]:
+@jax.tree_util.register_pytree_node_class
+class Leaves:
+    """The score arrays of a selection, each read as `transform(array)` where it is used.
+
+    With a transform (|w| for magnitude pruning) the scores are computed inside every pass
+    instead of being materialised, which saves a pass and four bytes per weight.
+    """
+
+    def __init__(self, arrays: Sequence[Array], transform: Callable[[Array], Array] | None = None):
+        self.arrays = tuple(arrays)
+        self.transform = transform
+
+    def tree_flatten(self) -> tuple[tuple[Array, ...], Callable | None]:
+        return self.arrays, self.transform
+
+    @classmethod
+    def tree_unflatten(cls, transform: Callable | None, arrays: Sequence[Array]) -> Leaves:
+        return cls(arrays, transform)
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    def size(self, index: int) -> int:
+        """The number of scores in array `index`."""
+        return self.arrays[index].size
+
+    @property
+    def total(self) -> int:
+        """The number of scores in all arrays."""
+        return sum(a.size for a in self.arrays)
+
+    def flat(self, index: int) -> Array:
+        """Array `index`'s scores, flattened."""
+        flat = self.arrays[index].reshape(-1)
+        return flat if self.transform is None else self.transform(flat)
+
+
+def _size_groups(leaves: Leaves) -> list[list[int]]:
     """Indices of the arrays grouped by size, in order of first appearance."""
     groups: dict[int, list[int]] = {}
-    for index, array in enumerate(scores):
-        groups.setdefault(array.size, []).append(index)
+    for index in range(len(leaves)):
+        groups.setdefault(leaves.size(index), []).append(index)
     return list(groups.values())
 
 
-def fold_leaves(scores: Sequence[Array], body: Callable[[int, Array, Carry], Carry],
+def fold_leaves(leaves: Leaves, body: Callable[[int, Array, Carry], Carry],
                 carry: Carry) -> Carry:
     """carry = body(index, flat array, carry) for each array, looping over the arrays of one size.
 
@@ -73,9 +110,9 @@ def fold_leaves(scores: Sequence[Array], body: Callable[[int, Array, Carry], Car
     array instead would copy it on every step).
     """
     def on_array(carry: Carry, index: int) -> Carry:
-        return body(index, scores[index].reshape(-1), carry)
+        return body(index, leaves.flat(index), carry)
 
-    for group in _size_groups(scores):
+    for group in _size_groups(leaves):
         if len(group) == 1:
             carry = on_array(carry, group[0])
             continue
@@ -88,7 +125,7 @@ def fold_leaves(scores: Sequence[Array], body: Callable[[int, Array, Carry], Car
     return carry
 
 
-def _histogram(scores: Sequence[Array], bin_of: Callable[[Array], Array], size: int,
+def _histogram(leaves: Leaves, bin_of: Callable[[Array], Array], size: int,
                dtype: jnp.dtype) -> Array:
     """Counts of bin_of(keys) over every array: one scatter-add pass.
 
@@ -101,11 +138,11 @@ def _histogram(scores: Sequence[Array], bin_of: Callable[[Array], Array], size: 
         # Bins are in range by construction; promising so skips XLA's per-update bounds handling.
         return hist.at[bins].add(jnp.ones((), dtype), mode="promise_in_bounds")
 
-    if len(scores) * size <= sum(s.size for s in scores):
-        return fold_leaves(scores, lambda _, flat, hist: add(hist, bin_of(sortable_keys(flat))),
+    if len(leaves) * size <= leaves.total:
+        return fold_leaves(leaves, lambda _, flat, hist: add(hist, bin_of(sortable_keys(flat))),
                            hist)
-    for group in _size_groups(scores):
-        branches = [lambda i=i: bin_of(sortable_keys(scores[i].reshape(-1))) for i in group]
+    for group in _size_groups(leaves):
+        branches = [lambda i=i: bin_of(sortable_keys(leaves.flat(i))) for i in group]
         if len(group) == 1:
             hist = add(hist, branches[0]())
             continue
@@ -117,14 +154,14 @@ def _histogram(scores: Sequence[Array], bin_of: Callable[[Array], Array], size: 
     return hist
 
 
-def _sample(scores: Sequence[Array], sample_size: int) -> Array:
+def _sample(leaves: Leaves, sample_size: int) -> Array:
     """A sorted sample of the keys, each array sampled in proportion to its size.
 
     Positions follow a golden-ratio (Weyl) sequence over the flat index: spread evenly, cheap to
     compile, and deterministic; a poor sample costs speed, never exactness.
     """
-    total = sum(s.size for s in scores)
-    counts = [max(1, round(sample_size * s.size / total)) for s in scores]
+    counts = [max(1, round(sample_size * leaves.size(i) / leaves.total))
+              for i in range(len(leaves))]
     offsets = np.cumsum([0, *counts[:-1]])
     sample = jnp.zeros((sum(counts),), jnp.uint32)
 
@@ -134,7 +171,7 @@ def _sample(scores: Sequence[Array], sample_size: int) -> Array:
         positions = jnp.minimum((fraction * flat.size).astype(jnp.int32), flat.size - 1)
         return lax.dynamic_update_slice(sample, sortable_keys(flat[positions]), (offsets[index],))
 
-    return jnp.sort(fold_leaves(scores, body, sample))
+    return jnp.sort(fold_leaves(leaves, body, sample))
 
 
 def _disjoint(starts: Array) -> Array:
@@ -169,7 +206,7 @@ def _sample_windows(sample: Array, total: int, ks: Array) -> tuple[Array, Array]
     return start, jnp.where(last >= start, last - start + 1, 0)
 
 
-def _windowed_histogram(scores: Sequence[Array], starts: Array, lengths: Array,
+def _windowed_histogram(leaves: Leaves, starts: Array, lengths: Array,
                         dtype: jnp.dtype) -> Array:
     """One pass: per-key counts inside each window, one count for each gap between windows.
 
@@ -196,7 +233,7 @@ def _windowed_histogram(scores: Sequence[Array], starts: Array, lengths: Array,
         spread = (keys & jnp.uint32(GAP_SPREAD - 1)).astype(jnp.int32)
         return jnp.where(keys < end, (keys + key_shift).astype(jnp.int32), gap + spread)
 
-    return _histogram(scores, bin_of, levels * stride + GAP_SPREAD, dtype)
+    return _histogram(leaves, bin_of, levels * stride + GAP_SPREAD, dtype)
 
 
 def _windowed_kth(hist: Array, starts: Array, ks: Array) -> tuple[Array, ...]:
@@ -224,35 +261,35 @@ def _windowed_kth(hist: Array, starts: Array, ks: Array) -> tuple[Array, ...]:
     return jax.vmap(one)(ks)
 
 
-def _block_histogram(scores: Sequence[Array], dtype: jnp.dtype) -> Array:
+def _block_histogram(leaves: Leaves, dtype: jnp.dtype) -> Array:
     """One pass: counts of keys per block of 2**BLOCK_BITS consecutive keys."""
-    return _histogram(scores, lambda keys: (keys >> BLOCK_BITS).astype(jnp.int32), NUM_BLOCKS,
+    return _histogram(leaves, lambda keys: (keys >> BLOCK_BITS).astype(jnp.int32), NUM_BLOCKS,
                       dtype)
 
 
-def _block_windows(scores: Sequence[Array], ks: Array) -> tuple[Array, Array]:
+def _block_windows(leaves: Leaves, ks: Array) -> tuple[Array, Array]:
     """Windows that surely hold the k-th keys: each starts on its k-th key's block of keys."""
-    cumulative = jnp.cumsum(_block_histogram(scores, ks.dtype))
+    cumulative = jnp.cumsum(_block_histogram(leaves, ks.dtype))
     block = jnp.searchsorted(cumulative, ks, side="left").astype(jnp.uint32)
     starts = _disjoint(jnp.minimum(block << BLOCK_BITS, _TOP))
     return starts, jnp.full_like(starts, WINDOW)
 
 
-def kth_keys(scores: Sequence[Array], ks: Array) -> tuple[Array, Array, Array]:
+def kth_keys(leaves: Leaves, ks: Array) -> tuple[Array, Array, Array]:
     """For ascending ks (1 <= k <= size): the k-th key, the count below it, the count equal.
 
     The windowed pass runs once on the sample's windows and, only if one missed, once more on
     windows placed by a block histogram (the loop keeps a single compiled copy of the pass).
     """
-    total = sum(s.size for s in scores)
-    windows = _sample_windows(_sample(scores, min(SAMPLE_SIZE, 4 * total)), total, ks)
+    total = leaves.total
+    windows = _sample_windows(_sample(leaves, min(SAMPLE_SIZE, 4 * total)), total, ks)
 
     def attempt(state: tuple[Array, ...]) -> tuple[Array, ...]:
         windows = state[0]
-        hist = _windowed_histogram(scores, *windows, ks.dtype)
+        hist = _windowed_histogram(leaves, *windows, ks.dtype)
         found, key, below, equal = _windowed_kth(hist, windows[0], ks)
         done = jnp.all(found)
-        windows = lax.cond(done, lambda: windows, lambda: _block_windows(scores, ks))
+        windows = lax.cond(done, lambda: windows, lambda: _block_windows(leaves, ks))
         return windows, done, key, below, equal
 
     zeros = jnp.zeros_like(ks)
@@ -272,7 +309,7 @@ def _row_length(size: int) -> int:
     return next(r for r in range(min(size, 4096), 0, -1) if size % r == 0)
 
 
-def _tie_cuts(scores: Sequence[Array], thresholds: Array, ties_to_remove: Array,
+def _tie_cuts(leaves: Leaves, thresholds: Array, ties_to_remove: Array,
               partial: Array) -> tuple[Array, Array]:
     """Per level, where the removal of threshold-tied elements stops: (leaf, last flat index).
 
@@ -291,7 +328,7 @@ def _tie_cuts(scores: Sequence[Array], thresholds: Array, ties_to_remove: Array,
         def count(index: int, flat: Array, counts: Array) -> Array:
             return counts.at[index].set(jnp.sum(row_ties(flat), axis=1, dtype=dtype))
 
-        return fold_leaves(scores, count, jnp.zeros((len(scores), levels), dtype))
+        return fold_leaves(leaves, count, jnp.zeros((len(leaves), levels), dtype))
 
     def float_row_ties(flat: Array) -> Array:
         rows = flat.astype(jnp.float32).reshape(-1, _row_length(flat.size))
@@ -306,12 +343,12 @@ def _tie_cuts(scores: Sequence[Array], thresholds: Array, ties_to_remove: Array,
                         lambda: counts_with(key_row_ties))
     cumulative = jnp.cumsum(per_leaf, axis=0)
     leaf = jax.vmap(lambda c, t: jnp.searchsorted(c, t, side="left"))(cumulative.T, ties_to_remove)
-    leaf = jnp.where(partial, leaf.astype(jnp.int32), len(scores))
+    leaf = jnp.where(partial, leaf.astype(jnp.int32), len(leaves))
     before = jnp.where(leaf > 0, cumulative[jnp.maximum(leaf - 1, 0), jnp.arange(levels)], 0)
     quota = ties_to_remove - before
 
-    groups = _size_groups(scores)
-    group_of = np.zeros(len(scores) + 1, np.int32)
+    groups = _size_groups(leaves)
+    group_of = np.zeros(len(leaves) + 1, np.int32)
     for g, group in enumerate(groups):
         group_of[group] = g
     group_of[-1] = len(groups)
@@ -319,7 +356,7 @@ def _tie_cuts(scores: Sequence[Array], thresholds: Array, ties_to_remove: Array,
     def cut_in(group: list[int], level: Array) -> Array:
         # Only the cut leaf is read, so it may be copied out: float32 holds every score dtype.
         member = jnp.argmax(jnp.asarray(group) == leaf[level])
-        flat = lax.switch(member, [lambda i=i: scores[i].reshape(-1).astype(jnp.float32)
+        flat = lax.switch(member, [lambda i=i: leaves.flat(i).astype(jnp.float32)
                                    for i in group])
         # The row holding the cut, then the cut within that row: short running totals only.
         rows = sortable_keys(flat).reshape(-1, _row_length(flat.size)) == thresholds[level]
@@ -338,18 +375,18 @@ def _tie_cuts(scores: Sequence[Array], thresholds: Array, ties_to_remove: Array,
 
 
 @jax.jit
-def _kept_masks(scores: list[Array], counts: Array) -> list[Array]:
+def _kept_masks(leaves: Leaves, counts: Array) -> list[Array]:
     """Per array, its kept masks for every count, shape (levels, *array shape)."""
-    thresholds, below, equal = kth_keys(scores, jnp.maximum(counts, 1))
+    thresholds, below, equal = kth_keys(leaves, jnp.maximum(counts, 1))
     ties_to_remove = jnp.maximum(counts, 1) - below
 
     partial = ties_to_remove < equal
     cut_leaf, cut_index = lax.cond(
-        jnp.any(partial), lambda: _tie_cuts(scores, thresholds, ties_to_remove, partial),
-        lambda: (jnp.full(counts.shape, len(scores), jnp.int32), jnp.zeros_like(counts)))
+        jnp.any(partial), lambda: _tie_cuts(leaves, thresholds, ties_to_remove, partial),
+        lambda: (jnp.full(counts.shape, len(leaves), jnp.int32), jnp.zeros_like(counts)))
     masks = []
-    for index, array in enumerate(scores):
-        keys = sortable_keys(array.reshape(-1))
+    for index, array in enumerate(leaves.arrays):
+        keys = sortable_keys(leaves.flat(index))
         flat_index = jnp.arange(keys.size, dtype=counts.dtype)
         tie_removed = (index < cut_leaf)[:, None] | ((index == cut_leaf)[:, None]
                                                      & (flat_index <= cut_index[:, None]))
@@ -359,16 +396,20 @@ def _kept_masks(scores: list[Array], counts: Array) -> list[Array]:
     return masks
 
 
-def kept_masks(scores: Sequence[Array], counts_to_remove: Sequence[int]) -> list[list[Array]]:
+def kept_masks(scores: Sequence[Array], counts_to_remove: Sequence[int],
+               transform: Callable[[Array], Array] | None = None) -> list[list[Array]]:
     """Bool kept-masks (one list of per-array masks per count) removing the lowest scores.
 
-    Counts must be ascending, between 0 (keep everything) and the total size.
+    Counts must be ascending, between 0 (keep everything) and the total size. With `transform`
+    (an elementwise function such as `jnp.abs`) the scores are `transform(array)`, computed where
+    they are read rather than stored.
     """
-    total = sum(int(jnp.size(s)) for s in scores)
+    leaves = Leaves([jnp.asarray(s) for s in scores], transform)
+    total = leaves.total
     if list(counts_to_remove) != sorted(counts_to_remove):
         raise ValueError(f"counts to remove must be ascending, got {list(counts_to_remove)}")
     if counts_to_remove and not 0 <= counts_to_remove[0] <= counts_to_remove[-1] <= total:
         raise ValueError(f"counts to remove must lie in [0, {total}], got {list(counts_to_remove)}")
     counts = jnp.asarray(list(counts_to_remove), count_dtype(total))
-    per_array = _kept_masks([jnp.asarray(s) for s in scores], counts)
+    per_array = _kept_masks(leaves, counts)
     return [[masks[level] for masks in per_array] for level in range(len(counts_to_remove))]

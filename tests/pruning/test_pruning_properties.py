@@ -93,6 +93,16 @@ def test_apply_is_idempotent_and_leaves_non_targets(tree, sparsity):
 
 
 @SETTINGS
+@given(tree=weight_trees(tied=True), sparsity=st.floats(0, 1),
+       scope=st.sampled_from(["global", "layerwise"]))
+def test_omp_equals_unstructured_on_stored_magnitudes(tree, sparsity, scope):
+    # omp computes |w| inside the selection; the masks must be those of the stored |w|.
+    _, mask = pruning.omp(tree, sparsity, where=r".*kernel", scope=scope)
+    stored = pruning.unstructured(pruning.magnitude(tree, where=r".*kernel"), sparsity, scope=scope)
+    np.testing.assert_array_equal(pruned_flags(mask), pruned_flags(stored))
+
+
+@SETTINGS
 @given(tree=weight_trees(), sparsity=st.floats(0, 1))
 def test_layerwise_prunes_the_same_fraction_of_every_leaf(tree, sparsity):
     mask = pruning.unstructured(pruning.magnitude(tree, where=r".*kernel"), sparsity,
@@ -168,8 +178,8 @@ def test_sample_miss_falls_back_to_exact_radix_select():
     scores = np.abs(np.asarray(tree["w"])).ravel()
     sparsities = (0.01, 0.499, 0.5, 0.5005, 0.73, 0.999)
     # The sample's windows really do miss one of these k-th keys, so the fallback is exercised.
-    leaves, ks = [jnp.abs(tree["w"])], jnp.asarray([round(s * scores.size) for s in sparsities],
-                                                    jnp.uint32)
+    leaves = select.Leaves([tree["w"]], jnp.abs)
+    ks = jnp.asarray([round(s * scores.size) for s in sparsities], jnp.uint32)
     sample = select._sample(leaves, min(select.SAMPLE_SIZE, 4 * scores.size))
     starts, lengths = select._sample_windows(sample, scores.size, ks)
     hist = select._windowed_histogram(leaves, starts, lengths, jnp.uint32)
