@@ -102,32 +102,39 @@ def _size_groups(leaves: Leaves) -> list[list[int]]:
     return list(groups.values())
 
 
-def fold_leaves(leaves: Leaves, body: Callable[[int, Array, Carry], Carry],
-                carry: Carry) -> Carry:
+def fold_leaves(leaves: Leaves, body: Callable[[int | Array, Array, Carry], Carry],
+                carry: Carry, in_place: bool = True) -> Carry:
     """carry = body(index, flat array, carry) for each array, looping over the arrays of one size.
 
-    Each array gets its own `lax.switch` branch that reads it in place (a branch returning the
-    array instead would copy it on every step).
+    In place, each array gets its own `lax.switch` branch running `body` on it where it lies:
+    fast, but compiled once per array. Otherwise branches hand out a float32 copy of their
+    array (exact for every score dtype) and `body` runs once per size: slower, but compiled
+    once per size, for passes that rarely run.
     """
-    def on_array(carry: Carry, index: int) -> Carry:
-        return body(index, leaves.flat(index), carry)
-
     for group in _size_groups(leaves):
         if len(group) == 1:
-            carry = on_array(carry, group[0])
+            carry = body(group[0], leaves.flat(group[0]), carry)
             continue
-        branches = [lambda carry, i=i: on_array(carry, i) for i in group]
+        if in_place:
+            branches = [lambda carry, i=i: body(i, leaves.flat(i), carry) for i in group]
 
-        def step(position: Array, carry: Carry, branches: list = branches) -> Carry:
-            return lax.switch(position, branches, carry)
+            def step(position: Array, carry: Carry, branches: list = branches) -> Carry:
+                return lax.switch(position, branches, carry)
+        else:
+            copies = [lambda i=i: leaves.flat(i).astype(jnp.float32) for i in group]
+
+            def step(position: Array, carry: Carry, copies: list = copies,
+                     group: list[int] = group) -> Carry:
+                index = jnp.asarray(group)[position]
+                return body(index, lax.switch(position, copies), carry)
 
         carry = lax.fori_loop(0, len(group), step, carry)
     return carry
 
 
 def _histogram(leaves: Leaves, bin_of: Callable[[Array], Array], size: int,
-               dtype: jnp.dtype) -> Array:
-    """Counts of bin_of(keys) over every array: one scatter-add pass.
+               dtype: jnp.dtype, in_place: bool = True) -> Array:
+    """Counts of bin_of(keys) over every array: one scatter-add pass (see `fold_leaves`).
 
     A branch that scatters into the histogram gets its own copy of it from XLA, so a large
     histogram is updated outside the branches instead, from the bins each branch returns.
@@ -138,9 +145,11 @@ def _histogram(leaves: Leaves, bin_of: Callable[[Array], Array], size: int,
         # Bins are in range by construction; promising so skips XLA's per-update bounds handling.
         return hist.at[bins].add(jnp.ones((), dtype), mode="promise_in_bounds")
 
-    if len(leaves) * size <= leaves.total:
-        return fold_leaves(leaves, lambda _, flat, hist: add(hist, bin_of(sortable_keys(flat))),
-                           hist)
+    def count(_: int | Array, flat: Array, hist: Array) -> Array:
+        return add(hist, bin_of(sortable_keys(flat)))
+
+    if not in_place or len(leaves) * size <= leaves.total:
+        return fold_leaves(leaves, count, hist, in_place)
     for group in _size_groups(leaves):
         branches = [lambda i=i: bin_of(sortable_keys(leaves.flat(i))) for i in group]
         if len(group) == 1:
@@ -206,8 +215,8 @@ def _sample_windows(sample: Array, total: int, ks: Array) -> tuple[Array, Array]
     return start, jnp.where(last >= start, last - start + 1, 0)
 
 
-def _windowed_histogram(leaves: Leaves, starts: Array, lengths: Array,
-                        dtype: jnp.dtype) -> Array:
+def _windowed_histogram(leaves: Leaves, starts: Array, lengths: Array, dtype: jnp.dtype,
+                        in_place: bool = True) -> Array:
     """One pass: per-key counts inside each window, one count for each gap between windows.
 
     Window l covers keys [starts[l], starts[l] + lengths[l]), lengths at most WINDOW. Bin layout,
@@ -233,7 +242,7 @@ def _windowed_histogram(leaves: Leaves, starts: Array, lengths: Array,
         spread = (keys & jnp.uint32(GAP_SPREAD - 1)).astype(jnp.int32)
         return jnp.where(keys < end, (keys + key_shift).astype(jnp.int32), gap + spread)
 
-    return _histogram(leaves, bin_of, levels * stride + GAP_SPREAD, dtype)
+    return _histogram(leaves, bin_of, levels * stride + GAP_SPREAD, dtype, in_place)
 
 
 def _windowed_kth(hist: Array, starts: Array, ks: Array) -> tuple[Array, ...]:
@@ -262,9 +271,10 @@ def _windowed_kth(hist: Array, starts: Array, ks: Array) -> tuple[Array, ...]:
 
 
 def _block_histogram(leaves: Leaves, dtype: jnp.dtype) -> Array:
-    """One pass: counts of keys per block of 2**BLOCK_BITS consecutive keys."""
+    """One pass (compiled once per array size: it only runs when a sample missed): counts of keys
+    per block of 2**BLOCK_BITS consecutive keys."""
     return _histogram(leaves, lambda keys: (keys >> BLOCK_BITS).astype(jnp.int32), NUM_BLOCKS,
-                      dtype)
+                      dtype, in_place=False)
 
 
 def _block_windows(leaves: Leaves, ks: Array) -> tuple[Array, Array]:
@@ -278,23 +288,19 @@ def _block_windows(leaves: Leaves, ks: Array) -> tuple[Array, Array]:
 def kth_keys(leaves: Leaves, ks: Array) -> tuple[Array, Array, Array]:
     """For ascending ks (1 <= k <= size): the k-th key, the count below it, the count equal.
 
-    The windowed pass runs once on the sample's windows and, only if one missed, once more on
-    windows placed by a block histogram (the loop keeps a single compiled copy of the pass).
+    The windowed pass runs on the sample's windows and, only if one missed, again on windows
+    placed by a block histogram (that rare path is compiled once per array size).
     """
     total = leaves.total
     windows = _sample_windows(_sample(leaves, min(SAMPLE_SIZE, 4 * total)), total, ks)
 
-    def attempt(state: tuple[Array, ...]) -> tuple[Array, ...]:
-        windows = state[0]
-        hist = _windowed_histogram(leaves, *windows, ks.dtype)
-        found, key, below, equal = _windowed_kth(hist, windows[0], ks)
-        done = jnp.all(found)
-        windows = lax.cond(done, lambda: windows, lambda: _block_windows(leaves, ks))
-        return windows, done, key, below, equal
+    def attempt(windows: tuple[Array, Array], in_place: bool) -> tuple[Array, ...]:
+        hist = _windowed_histogram(leaves, *windows, ks.dtype, in_place)
+        return _windowed_kth(hist, windows[0], ks)
 
-    zeros = jnp.zeros_like(ks)
-    state = (windows, jnp.bool_(False), zeros, zeros, zeros)
-    return lax.while_loop(lambda state: ~state[1], attempt, state)[2:]
+    found, key, below, equal = attempt(windows, in_place=True)
+    return lax.cond(jnp.all(found), lambda: (key, below, equal),
+                    lambda: attempt(_block_windows(leaves, ks), in_place=False)[1:])
 
 
 def _key_values(keys: Array) -> Array:
@@ -324,11 +330,11 @@ def _tie_cuts(leaves: Leaves, thresholds: Array, ties_to_remove: Array,
     # flushed subnormals would blur it; those levels are counted on the integer keys instead.
     fast = jnp.all(~partial | (jnp.abs(values) >= 2.0**-100) & jnp.isfinite(values))
 
-    def counts_with(row_ties: Callable[[Array], Array]) -> Array:
-        def count(index: int, flat: Array, counts: Array) -> Array:
+    def counts_with(row_ties: Callable[[Array], Array], in_place: bool) -> Array:
+        def count(index: int | Array, flat: Array, counts: Array) -> Array:
             return counts.at[index].set(jnp.sum(row_ties(flat), axis=1, dtype=dtype))
 
-        return fold_leaves(leaves, count, jnp.zeros((len(leaves), levels), dtype))
+        return fold_leaves(leaves, count, jnp.zeros((len(leaves), levels), dtype), in_place)
 
     def float_row_ties(flat: Array) -> Array:
         rows = flat.astype(jnp.float32).reshape(-1, _row_length(flat.size))
@@ -339,8 +345,9 @@ def _tie_cuts(leaves: Leaves, thresholds: Array, ties_to_remove: Array,
         rows = sortable_keys(flat).reshape(-1, _row_length(flat.size))
         return jnp.sum(rows[None] == thresholds[:, None, None], axis=2, dtype=dtype)
 
-    per_leaf = lax.cond(fast, lambda: counts_with(float_row_ties),
-                        lambda: counts_with(key_row_ties))
+    # The integer path is rare (tiny thresholds), so it is compiled once per array size.
+    per_leaf = lax.cond(fast, lambda: counts_with(float_row_ties, in_place=True),
+                        lambda: counts_with(key_row_ties, in_place=False))
     cumulative = jnp.cumsum(per_leaf, axis=0)
     leaf = jax.vmap(lambda c, t: jnp.searchsorted(c, t, side="left"))(cumulative.T, ties_to_remove)
     leaf = jnp.where(partial, leaf.astype(jnp.int32), len(leaves))
