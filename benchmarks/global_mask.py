@@ -73,6 +73,11 @@ def main() -> None:
                  seconds(lambda: nested(params), args.repeats)))
     rows.append(("es_jax mask (50%) of a stored |w| tree", seconds(lambda: stored(params),
                                                                    args.repeats)))
+    # What any nested sweep pays at least: writing its masks (9 bytes per weight).
+    write_masks = jax.jit(lambda p: [{k: jnp.abs(w) > 0.01 * level for k, w in p.items()}
+                                     for level in range(len(LEVELS))])
+    rows.append((f"writing {len(LEVELS)} bool masks, no selection",
+                 seconds(lambda: write_masks(params), args.repeats)))
 
     host = {k: np.asarray(w) for k, w in params.items()}
 

@@ -393,12 +393,16 @@ def _kept_masks(leaves: Leaves, counts: Array) -> list[Array]:
         lambda: (jnp.full(counts.shape, len(leaves), jnp.int32), jnp.zeros_like(counts)))
     masks = []
     for index, array in enumerate(leaves.arrays):
+        # Tied weights at flat positions up to `last_removed` go: all of them in leaves before
+        # the cut, none after it (nor when nothing is removed, where the threshold is the
+        # smallest key).
+        last_removed = jnp.where(index < cut_leaf, array.size - 1,
+                                 jnp.where(index == cut_leaf, cut_index.astype(jnp.int32), -1))
+        last_removed = jnp.where(counts == 0, -1, last_removed)[:, None]
         keys = sortable_keys(leaves.flat(index))
-        flat_index = jnp.arange(keys.size, dtype=counts.dtype)
-        tie_removed = (index < cut_leaf)[:, None] | ((index == cut_leaf)[:, None]
-                                                     & (flat_index <= cut_index[:, None]))
-        tied = keys == thresholds[:, None]
-        kept = (keys > thresholds[:, None]) | (tied & ~tie_removed) | (counts == 0)[:, None]
+        flat_index = jnp.arange(keys.size, dtype=jnp.int32)
+        kept = ((keys > thresholds[:, None])
+                | ((keys == thresholds[:, None]) & (flat_index > last_removed)))
         masks.append(kept.reshape(counts.shape + array.shape))
     return masks
 
