@@ -2,18 +2,18 @@
 
 Scores are mapped to order-preserving 32-bit keys. A sample of the keys estimates each requested
 k-th key; one pass then scatters every key into a histogram that counts, key by key, a window of
-WINDOW keys around each estimate, and each gap between windows as a single bin. A k-th key that
-falls in a window is found exactly. If the sample missed (the k-th key lies in a gap, which is
-rare), two data-independent passes find it instead (a histogram of 2**16-key blocks, then the
-windowed pass again, on the right blocks). So any number of sparsity levels costs one pass over the
-weights in practice, the only cross-device traffic is a histogram, and no copy of the weights is
-concatenated.
+keys around each estimate (as wide as the sample's uncertainty, at most WINDOW keys), and each gap
+between windows as a single bin. A k-th key that falls in a window is found exactly. If the sample
+missed (the k-th key lies in a gap, which is rare), two data-independent passes find it instead (a
+histogram of 2**16-key blocks, then the windowed pass again, on the right blocks). So any number of
+sparsity levels costs one pass over the weights in practice, the only cross-device traffic is a
+histogram, and no copy of the weights is concatenated.
 
 Ties are broken by leaf order, then by flat index: the elements removed for k are the first k in the
-order (key, leaf, flat index), so the count is exact and masks for increasing k are nested.
+order (key, leaf, flat index), so the count is exact and masks for increasing k are nested. Where a
+threshold splits a tie, one counting pass finds the leaf and the position of the cut.
 
-Every per-array pass runs as a `fori_loop` over the arrays of one size, each array read in place by
-its own `lax.switch` branch.
+Every per-array pass is a `fori_loop` over the arrays of one size (see `fold_leaves`).
 """
 
 from __future__ import annotations
@@ -312,7 +312,7 @@ def _key_values(keys: Array) -> Array:
 
 def _row_length(size: int) -> int:
     """The largest divisor of `size` up to 4096: rows short enough to count in float32."""
-    return next(r for r in range(min(size, 4096), 0, -1) if size % r == 0)
+    return next((r for r in range(min(size, 4096), 0, -1) if size % r == 0), 1)
 
 
 def _tie_cuts(leaves: Leaves, thresholds: Array, ties_to_remove: Array,
