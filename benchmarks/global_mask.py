@@ -126,5 +126,6 @@ def main() -> None:
                   f"{scratch / n:.2f} bytes/weight (output mask "
                   f"{analysis.output_size_in_bytes / n:.2f} bytes/weight)")
 
+
 if __name__ == "__main__":
     main()
