@@ -168,7 +168,7 @@ def test_arrays_of_one_size_but_different_dtypes_prune_exactly():
         np.testing.assert_array_equal(got, expected)
 
 
-def test_sample_miss_falls_back_to_exact_radix_select():
+def test_sample_miss_falls_back_to_exact_block_windows():
     # Half the weights sit on one tiny value and half are spread over many octaves, so the k-th key
     # for k just past the tie block is far from where a sample of this size would put a window.
     rng = np.random.default_rng(1)
