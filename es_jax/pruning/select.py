@@ -292,7 +292,10 @@ def kth_keys(leaves: Leaves, ks: Array) -> tuple[Array, Array, Array]:
     placed by a block histogram (that rare path is compiled once per array size).
     """
     total = leaves.total
-    windows = _sample_windows(_sample(leaves, min(SAMPLE_SIZE, 4 * total)), total, ks)
+    # Many levels mean many windows whose bins miss the cache; a 4x sample halves their width
+    # (measured: 10% off a 9-level selection of BERT-base, a loss for one level).
+    sample_size = SAMPLE_SIZE * (4 if ks.shape[0] >= 5 else 1)
+    windows = _sample_windows(_sample(leaves, min(sample_size, 4 * total)), total, ks)
 
     def attempt(windows: tuple[Array, Array], in_place: bool) -> tuple[Array, ...]:
         hist = _windowed_histogram(leaves, *windows, ks.dtype, in_place)
