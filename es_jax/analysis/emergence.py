@@ -57,16 +57,9 @@ def find_runs(workdir: str | Path) -> list[Path]:
 
 def open_run(run_dir: Path):
     """A read-only Orbax manager over a run's checkpoints."""
-    import orbax.checkpoint as ocp
-    from grain import checkpoint as grain_checkpoint
+    from es_jax.train import checkpointing
 
-    return ocp.CheckpointManager(
-        checkpoint_dir(run_dir).absolute(),
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
-        # The data item is never read here; naming its handler keeps Orbax from warning about it.
-        item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                       "data": grain_checkpoint.CheckpointHandler()},
-    )
+    return checkpointing.open_reader(checkpoint_dir(run_dir))
 
 
 def read_params(manager, step: int) -> dict[str, Any]:

@@ -165,13 +165,23 @@ def restore_latest(
     return None
 
 
+def open_reader(directory: str | Path) -> ocp.CheckpointManager:
+    """A read-only manager over the checkpoints in `directory`, for reading them as pytrees.
+
+    The data item is named with its handler although readers never restore it: Orbax otherwise
+    warns about it once per checkpoint.
+    """
+    return ocp.CheckpointManager(
+        Path(directory).absolute(),
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                       "data": grain_checkpoint.CheckpointHandler()},
+    )
+
+
 def read_state(directory: str | Path, step: int) -> Any:
     """One step's train state as numpy arrays, whatever devices or sharding it was saved with."""
-    manager = ocp.CheckpointManager(
-        Path(directory).absolute(),
-        options=ocp.CheckpointManagerOptions(read_only=True),
-        item_handlers={"state": ocp.PyTreeCheckpointHandler()},
-    )
+    manager = open_reader(directory)
     metadata = manager.item_metadata(step)["state"]
     tree = metadata.tree if hasattr(metadata, "tree") else metadata
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
