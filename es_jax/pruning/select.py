@@ -102,31 +102,40 @@ def _size_groups(leaves: Leaves) -> list[list[int]]:
     return list(groups.values())
 
 
+def _as_float32(flat: Array) -> Array:
+    """Scores as float32, which holds every score dtype exactly."""
+    return flat.astype(jnp.float32)
+
+
 def fold_leaves(leaves: Leaves, body: Callable[[int | Array, Array, Carry], Carry],
-                carry: Carry, in_place: bool = True) -> Carry:
+                carry: Carry, in_place: bool = True,
+                prepare: Callable[[Array], Array] = _as_float32) -> Carry:
     """carry = body(index, flat array, carry) for each array, looping over the arrays of one size.
 
     In place, each array gets its own `lax.switch` branch running `body` on it where it lies:
-    fast, but compiled once per array. Otherwise branches hand out a float32 copy of their
-    array (exact for every score dtype) and `body` runs once per size: slower, but compiled
-    once per size, for passes that rarely run.
+    fast, but compiled once per array. Otherwise each branch hands out `prepare(flat array)` (by
+    default a float32 copy) and `body` runs on that outside the branches, once per size: compiled
+    once per size, and the way to update a carry too large for XLA to copy into every branch.
     """
     for group in _size_groups(leaves):
-        if len(group) == 1:
-            carry = body(group[0], leaves.flat(group[0]), carry)
-            continue
         if in_place:
+            if len(group) == 1:
+                carry = body(group[0], leaves.flat(group[0]), carry)
+                continue
             branches = [lambda carry, i=i: body(i, leaves.flat(i), carry) for i in group]
 
             def step(position: Array, carry: Carry, branches: list = branches) -> Carry:
                 return lax.switch(position, branches, carry)
         else:
-            copies = [lambda i=i: leaves.flat(i).astype(jnp.float32) for i in group]
+            if len(group) == 1:
+                carry = body(group[0], prepare(leaves.flat(group[0])), carry)
+                continue
+            prepared = [lambda i=i: prepare(leaves.flat(i)) for i in group]
 
-            def step(position: Array, carry: Carry, copies: list = copies,
+            def step(position: Array, carry: Carry, prepared: list = prepared,
                      group: list[int] = group) -> Carry:
                 index = jnp.asarray(group)[position]
-                return body(index, lax.switch(position, copies), carry)
+                return body(index, lax.switch(position, prepared), carry)
 
         carry = lax.fori_loop(0, len(group), step, carry)
     return carry
@@ -139,28 +148,22 @@ def _histogram(leaves: Leaves, bin_of: Callable[[Array], Array], size: int,
     A branch that scatters into the histogram gets its own copy of it from XLA, so a large
     histogram is updated outside the branches instead, from the bins each branch returns.
     """
-    hist = jnp.zeros((size,), dtype)
-
-    def add(hist: Array, bins: Array) -> Array:
+    def add(_: int | Array, bins: Array, hist: Array) -> Array:
         # Bins are in range by construction; promising so skips XLA's per-update bounds handling.
         return hist.at[bins].add(jnp.ones((), dtype), mode="promise_in_bounds")
 
-    def count(_: int | Array, flat: Array, hist: Array) -> Array:
-        return add(hist, bin_of(sortable_keys(flat)))
+    def bins(flat: Array) -> Array:
+        return bin_of(sortable_keys(flat))
 
-    if not in_place or len(leaves) * size <= leaves.total:
-        return fold_leaves(leaves, count, hist, in_place)
-    for group in _size_groups(leaves):
-        branches = [lambda i=i: bin_of(sortable_keys(leaves.flat(i))) for i in group]
-        if len(group) == 1:
-            hist = add(hist, branches[0]())
-            continue
+    def count(index: int | Array, flat: Array, hist: Array) -> Array:
+        return add(index, bins(flat), hist)
 
-        def step(position: Array, hist: Array, branches: list = branches) -> Array:
-            return add(hist, lax.switch(position, branches))
-
-        hist = lax.fori_loop(0, len(group), step, hist)
-    return hist
+    hist = jnp.zeros((size,), dtype)
+    if not in_place:  # a rare pass: float32 copies out of the branches, counted once per size
+        return fold_leaves(leaves, count, hist, in_place=False)
+    if len(leaves) * size <= leaves.total:
+        return fold_leaves(leaves, count, hist)
+    return fold_leaves(leaves, add, hist, in_place=False, prepare=bins)
 
 
 def _sample(leaves: Leaves, sample_size: int) -> Array:
@@ -364,10 +367,9 @@ def _tie_cuts(leaves: Leaves, thresholds: Array, ties_to_remove: Array,
     group_of[-1] = len(groups)
 
     def cut_in(group: list[int], level: Array) -> Array:
-        # Only the cut leaf is read, so it may be copied out: float32 holds every score dtype.
+        # Only the cut leaf is read, so it may be copied out.
         member = jnp.argmax(jnp.asarray(group) == leaf[level])
-        flat = lax.switch(member, [lambda i=i: leaves.flat(i).astype(jnp.float32)
-                                   for i in group])
+        flat = lax.switch(member, [lambda i=i: _as_float32(leaves.flat(i)) for i in group])
         # The row holding the cut, then the cut within that row: short running totals only.
         rows = sortable_keys(flat).reshape(-1, _row_length(flat.size)) == thresholds[level]
         row_totals = jnp.cumsum(jnp.sum(rows, axis=1, dtype=dtype))
