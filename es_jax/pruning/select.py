@@ -1,17 +1,22 @@
 """Exact k-th smallest score across many arrays, without concatenating or sorting them.
 
-Scores are mapped to order-preserving 32-bit keys. A sample of the keys estimates each requested
-k-th key; one pass then scatters every key into a histogram that counts, key by key, a window of
-keys around each estimate (as wide as the sample's uncertainty, at most WINDOW keys), and each gap
-between windows as a single bin. A k-th key that falls in a window is found exactly. If the sample
-missed (the k-th key lies in a gap, which is rare), two data-independent passes find it instead (a
-histogram of 2**16-key blocks, then the windowed pass again, on the right blocks). So any number of
-sparsity levels costs one pass over the weights in practice, the only cross-device traffic is a
+Scores are mapped to order-preserving 32-bit keys, and every requested k is found by two counting
+passes whose cost does not grow with the number of k:
+
+1. A sample of the keys gives the range where the k-th keys lie. The coarse pass counts the keys in
+   each of 2**16 equal blocks of that range (and those below and above it), which places every k-th
+   key in one block, with the exact count of keys before that block.
+2. The fine pass counts, key by key and leaf by leaf, the keys in those few blocks: every k-th key,
+   the count below and equal to it, and in which leaves its ties lie.
+
+If the sample misses (a k-th key outside its range, which is rare), the coarse pass runs again over
+all keys; if the range is too wide for per-leaf counts within the memory budget, the fine pass
+counts per key only and one more pass counts the ties per leaf. The only cross-device traffic is a
 histogram, and no copy of the weights is concatenated.
 
 Ties are broken by leaf order, then by flat index: the elements removed for k are the first k in the
 order (key, leaf, flat index), so the count is exact and masks for increasing k are nested. Where a
-threshold splits a tie, one counting pass finds the leaf and the position of the cut.
+threshold splits a tie, the cut inside its leaf is found by reading that leaf alone.
 
 Every per-array pass is a `fori_loop` over the arrays of one size (see `fold_leaves`).
 """
@@ -29,14 +34,13 @@ from jax import lax
 Array = jax.Array
 Carry = TypeVar("Carry")
 
-BLOCK_BITS = 16
-NUM_BLOCKS = 1 << (32 - BLOCK_BITS)
-WINDOW = 1 << 19
-GAP_SPREAD = 64
-SAMPLE_SIZE = 1 << 18
-_TOP = np.uint32(2**32 - WINDOW)
-
-
+COARSE_BITS = 16
+COARSE_BLOCKS = 1 << COARSE_BITS
+SPREAD = 64
+FINE_BINS = 1 << 21
+SAMPLE_SIZE = 1 << 16
+_COUNT_ONE = lax.ScatterDimensionNumbers(update_window_dims=(), inserted_window_dims=(0,),
+                                         scatter_dims_to_operand_dims=(0,))
 def sortable_keys(scores: Array) -> Array:
     """Order-preserving uint32 keys of float scores (bf16/fp16 widen exactly; -0.0 ties 0.0).
 
@@ -88,10 +92,14 @@ class Leaves:
         """The number of scores in all arrays."""
         return sum(a.size for a in self.arrays)
 
+    def scores(self, index: int) -> Array:
+        """Array `index`'s scores, in its shape."""
+        array = self.arrays[index]
+        return array if self.transform is None else self.transform(array)
+
     def flat(self, index: int) -> Array:
         """Array `index`'s scores, flattened."""
-        flat = self.arrays[index].reshape(-1)
-        return flat if self.transform is None else self.transform(flat)
+        return self.scores(index).reshape(-1)
 
 
 def _size_groups(leaves: Leaves) -> list[list[int]]:
@@ -102,19 +110,19 @@ def _size_groups(leaves: Leaves) -> list[list[int]]:
     return list(groups.values())
 
 
-def _as_float32(flat: Array) -> Array:
+def _as_float32(_: int, flat: Array) -> Array:
     """Scores as float32, which holds every score dtype exactly."""
     return flat.astype(jnp.float32)
 
 
 def fold_leaves(leaves: Leaves, body: Callable[[int | Array, Array, Carry], Carry],
                 carry: Carry, in_place: bool = True,
-                prepare: Callable[[Array], Array] = _as_float32) -> Carry:
+                prepare: Callable[[int, Array], Array] = _as_float32) -> Carry:
     """carry = body(index, flat array, carry) for each array, looping over the arrays of one size.
 
     In place, each array gets its own `lax.switch` branch running `body` on it where it lies:
-    fast, but compiled once per array. Otherwise each branch hands out `prepare(flat array)` (by
-    default a float32 copy) and `body` runs on that outside the branches, once per size: compiled
+    fast, but compiled once per array. Otherwise each branch hands out `prepare(index, flat
+    array)` (by default a float32 copy) and `body` runs on that outside the branches: compiled
     once per size, and the way to update a carry too large for XLA to copy into every branch.
     """
     for group in _size_groups(leaves):
@@ -128,9 +136,9 @@ def fold_leaves(leaves: Leaves, body: Callable[[int | Array, Array, Carry], Carr
                 return lax.switch(position, branches, carry)
         else:
             if len(group) == 1:
-                carry = body(group[0], prepare(leaves.flat(group[0])), carry)
+                carry = body(group[0], prepare(group[0], leaves.flat(group[0])), carry)
                 continue
-            prepared = [lambda i=i: prepare(leaves.flat(i)) for i in group]
+            prepared = [lambda i=i: prepare(i, leaves.flat(i)) for i in group]
 
             def step(position: Array, carry: Carry, prepared: list = prepared,
                      group: list[int] = group) -> Carry:
@@ -141,29 +149,58 @@ def fold_leaves(leaves: Leaves, body: Callable[[int | Array, Array, Carry], Carr
     return carry
 
 
-def _histogram(leaves: Leaves, bin_of: Callable[[Array], Array], size: int,
-               dtype: jnp.dtype, in_place: bool = True) -> Array:
-    """Counts of bin_of(keys) over every array: one scatter-add pass (see `fold_leaves`).
 
-    A branch that scatters into the histogram gets its own copy of it from XLA, so a large
-    histogram is updated outside the branches instead, from the bins each branch returns.
+
+def _spread(keys: Array) -> Array:
+    """Bins 0 .. SPREAD - 1 by flat position, for counts that would all go to one address: adding
+    to one address over and over serialises the scatter."""
+    return lax.broadcasted_iota(jnp.int32, keys.shape, 0) & (SPREAD - 1)
+
+
+def _count_into(hist: Array, bins: Array, skips: bool) -> Array:
+    """hist with one added at each of `bins`. If `skips`, bins past the end (`hist.size`) are
+    skipped: cheaper than counting them anywhere where nearly every bin is skipped (the branch is
+    predictable), dearer than promising every bin in range where none is."""
+    mode = lax.GatherScatterMode.FILL_OR_DROP if skips else lax.GatherScatterMode.PROMISE_IN_BOUNDS
+    return lax.scatter_add(hist, bins[:, None], jnp.ones(bins.shape, hist.dtype), _COUNT_ONE,
+                           mode=mode)
+
+
+def _histogram(leaves: Leaves, bin_of: Callable[[int | Array, Array], Array], size: int,
+               dtype: jnp.dtype, skips: bool, in_place: bool) -> Array:
+    """Counts of bin_of(leaf index, keys) over every array (skipping bins >= size if `skips`):
+    one scatter-add pass.
+
+    In place suits a small histogram: XLA copies the histogram into every branch, so a large one
+    is updated outside the branches from the bins they hand out (see `fold_leaves`).
     """
-    def add(_: int | Array, bins: Array, hist: Array) -> Array:
-        # Bins are in range by construction; promising so skips XLA's per-update bounds handling.
-        return hist.at[bins].add(jnp.ones((), dtype), mode="promise_in_bounds")
-
-    def bins(flat: Array) -> Array:
-        return bin_of(sortable_keys(flat))
-
     def count(index: int | Array, flat: Array, hist: Array) -> Array:
-        return add(index, bins(flat), hist)
+        return _count_into(hist, bin_of(index, sortable_keys(flat)), skips)
+
+    def add(_: int | Array, bins: Array, hist: Array) -> Array:
+        return _count_into(hist, bins, skips)
 
     hist = jnp.zeros((size,), dtype)
-    if not in_place:  # a rare pass: float32 copies out of the branches, counted once per size
-        return fold_leaves(leaves, count, hist, in_place=False)
-    if len(leaves) * size <= leaves.total:
+    if in_place:
         return fold_leaves(leaves, count, hist)
-    return fold_leaves(leaves, add, hist, in_place=False, prepare=bins)
+    return fold_leaves(leaves, add, hist, in_place=False,
+                       prepare=lambda index, flat: bin_of(index, sortable_keys(flat)))
+
+
+def _kth_bin(counts: Array, k: Array) -> tuple[Array, Array]:
+    """The first bin at which the running total of `counts` reaches k, and the total before it.
+
+    Searched in blocks of SPREAD bins and then within one block, because a running total over
+    every bin is slow on XLA:CPU.
+    """
+    blocks = counts.reshape(-1, SPREAD)
+    totals = jnp.cumsum(jnp.sum(blocks, axis=1, dtype=counts.dtype))
+    block = jnp.searchsorted(totals, k, side="left").astype(jnp.int32)
+    before = jnp.where(block > 0, totals[jnp.maximum(block - 1, 0)], 0)
+    running = before + jnp.cumsum(blocks[block], dtype=counts.dtype)
+    j = jnp.searchsorted(running, k, side="left").astype(jnp.int32)
+    below = jnp.where(j > 0, running[jnp.maximum(j - 1, 0)], before)
+    return block * SPREAD + j, below.astype(counts.dtype)
 
 
 def _sample(leaves: Leaves, sample_size: int) -> Array:
@@ -186,178 +223,158 @@ def _sample(leaves: Leaves, sample_size: int) -> Array:
     return jnp.sort(fold_leaves(leaves, body, sample))
 
 
-def _disjoint(starts: Array) -> Array:
-    """Ascending window starts, each pushed to at least one window past the previous one."""
-    out = [starts[0]]
-    for start in starts[1:]:
-        earliest = jnp.where(out[-1] > _TOP - WINDOW, _TOP, out[-1] + WINDOW)
-        out.append(jnp.maximum(start, earliest))
-    return jnp.stack(out)
-
-
-def _sample_windows(sample: Array, total: int, ks: Array) -> tuple[Array, Array]:
-    """Per k, a window of keys (start, length) that the sample says holds the k-th key.
-
-    The window spans the sample's keys within four standard deviations of the k-th key's rank,
-    at most WINDOW keys around the estimate: the fewer keys and weights a window covers, the
-    fewer scattered counts miss the cache.
-    """
+def _sampled_range(sample: Array, total: int, ks: Array) -> tuple[Array, Array]:
+    """(lo, shift): the range of keys from lo, under 2**(COARSE_BITS + shift) wide, that the sample
+    says holds every k-th key (its keys within four standard deviations of the lowest and the
+    highest k-th key's rank)."""
     m = sample.size
     p = ks.astype(jnp.float32) / total
     rank = jnp.round(p * m).astype(jnp.int32) - 1
-    spread = (4 * jnp.sqrt(m * p * (1 - p))).astype(jnp.int32) + 2
-    estimate = sample[jnp.clip(rank, 0, m - 1)]
-    low = jnp.where(rank - spread < 0, 0, sample[jnp.clip(rank - spread, 0, m - 1)])
-    high = jnp.where(rank + spread >= m, jnp.uint32(2**32 - 1),
-                     sample[jnp.clip(rank + spread, 0, m - 1)])
-    narrow = high - low < WINDOW
-    start = jnp.where(narrow, low, jnp.maximum(estimate, WINDOW // 2) - WINDOW // 2)
-    start = jnp.minimum(start, _TOP)
-    last = jnp.where(narrow, high, start + (WINDOW - 1))
-    start = _disjoint(start)
-    return start, jnp.where(last >= start, last - start + 1, 0)
+    margin = (4 * jnp.sqrt(m * p * (1 - p))).astype(jnp.int32) + 2
+    low, high = rank[0] - margin[0], rank[-1] + margin[-1]
+    lo = jnp.where(low < 0, jnp.uint32(0), sample[jnp.clip(low, 0, m - 1)])
+    hi = jnp.where(high >= m, jnp.uint32(2**32 - 1), sample[jnp.clip(high, 0, m - 1)])
+    shift = (32 - lax.clz((hi - lo) >> COARSE_BITS).astype(jnp.int32)).astype(jnp.uint32)
+    # The range ends within the keys, so keys below lo wrap past it (see `_fine_histogram`).
+    return jnp.minimum(lo, ~((jnp.uint32(COARSE_BLOCKS) << shift) - 1)), shift
 
 
-def _windowed_histogram(leaves: Leaves, starts: Array, lengths: Array, dtype: jnp.dtype,
-                        in_place: bool = True) -> Array:
-    """One pass: per-key counts inside each window, one count for each gap between windows.
+def _coarse_histogram(leaves: Leaves, lo: Array, shift: Array, dtype: jnp.dtype) -> Array:
+    """Counts per block of 2**shift keys from lo, after SPREAD bins of keys below lo and before
+    SPREAD bins of keys past the COARSE_BLOCKS blocks. (Skipping the keys below lo and counting
+    them as the total less the rest would cost more: the skipping branch is unpredictable.)"""
+    def bin_of(_: int | Array, keys: Array) -> Array:
+        spread = _spread(keys)
+        past = (COARSE_BLOCKS + spread).astype(jnp.uint32)
+        block = jnp.minimum((keys - lo) >> shift, past).astype(jnp.int32)
+        return jnp.where(keys < lo, spread, SPREAD + block)
 
-    Window l covers keys [starts[l], starts[l] + lengths[l]), lengths at most WINDOW. Bin layout,
-    in key order: gap 0 (GAP_SPREAD bins), window 0 (WINDOW bins), gap 1, window 1, ..., gap L.
-    Each gap's count is spread over its bins by the key's low bits: nearly every weight falls in a
-    gap, and adding to one address over and over would serialise the scatter.
-    """
-    levels = starts.shape[0]
-    stride = WINDOW + GAP_SPREAD
-    # Per window: what to add to a key to get its bin (uint32 arithmetic wraps to the bin), the
-    # key just past the window, and the first bin of the gap after it.
-    shift = jnp.arange(levels, dtype=jnp.uint32) * stride + GAP_SPREAD - starts
-    ends = starts + lengths
-
-    def bin_of(keys: Array) -> Array:
-        # Windows are ascending and disjoint: the last one starting at or below a key is its own.
-        key_shift, end, gap = jnp.uint32(0), jnp.uint32(0), jnp.int32(0)
-        for level in range(levels):
-            started = keys >= starts[level]
-            key_shift = jnp.where(started, shift[level], key_shift)
-            end = jnp.where(started, ends[level], end)
-            gap = jnp.where(started, (level + 1) * stride, gap)
-        spread = (keys & jnp.uint32(GAP_SPREAD - 1)).astype(jnp.int32)
-        return jnp.where(keys < end, (keys + key_shift).astype(jnp.int32), gap + spread)
-
-    return _histogram(leaves, bin_of, levels * stride + GAP_SPREAD, dtype, in_place)
+    return _histogram(leaves, bin_of, COARSE_BLOCKS + 2 * SPREAD, dtype, skips=False,
+                      in_place=True)
 
 
-def _windowed_kth(hist: Array, starts: Array, ks: Array) -> tuple[Array, ...]:
-    """Each k-th key from a windowed histogram: (found, key, count below it, count equal).
+def _coarse_blocks(leaves: Leaves, ks: Array, lo: Array,
+                   shift: Array) -> tuple[Array, Array, Array, Array]:
+    """(lo, shift, block, count before the block) of every k-th key: the coarse pass over the
+    sampled range, and again over all keys (lo 0, shift COARSE_BITS) if a k-th key lies outside."""
+    def attempt(state: tuple[Array, ...]) -> tuple[Array, ...]:
+        tries, lo, shift, _, _ = state
+        lo = jnp.where(tries == 0, lo, jnp.uint32(0))
+        shift = jnp.where(tries == 0, shift, jnp.uint32(COARSE_BITS))
+        hist = _coarse_histogram(leaves, lo, shift, ks.dtype)
+        bins, below = jax.vmap(_kth_bin, in_axes=(None, 0))(hist, ks)
+        return tries + 1, lo, shift, bins - SPREAD, below
 
-    Searched in two levels, blocks of GAP_SPREAD bins and then one block, because a running
-    total over every bin is slow on XLA:CPU. Each gap fills exactly one block.
-    """
-    blocks_per_level = WINDOW // GAP_SPREAD + 1
-    block_totals = jnp.cumsum(jnp.sum(hist.reshape(-1, GAP_SPREAD), axis=1, dtype=hist.dtype))
+    def missed(state: tuple[Array, ...]) -> Array:
+        tries, _, _, block, _ = state
+        return (tries == 0) | jnp.any((block < 0) | (block >= COARSE_BLOCKS))
 
-    def one(k: Array) -> tuple[Array, ...]:
-        block = jnp.searchsorted(block_totals, k, side="left").astype(jnp.int32)
-        before = jnp.where(block > 0, block_totals[jnp.maximum(block - 1, 0)], 0)
-        counts = lax.dynamic_slice(hist, (block * GAP_SPREAD,), (GAP_SPREAD,))
-        running = before + jnp.cumsum(counts, dtype=hist.dtype)
-        j = jnp.searchsorted(running, k, side="left").astype(jnp.int32)
-        level, offset = block // blocks_per_level, block % blocks_per_level - 1
-        found = offset >= 0
-        key = (starts[jnp.minimum(level, starts.shape[0] - 1)]
-               + (offset * GAP_SPREAD + j).astype(jnp.uint32))
-        below = jnp.where(j > 0, running[jnp.maximum(j - 1, 0)], before)
-        return found, key, below.astype(hist.dtype), counts[j]
-
-    return jax.vmap(one)(ks)
+    start = (jnp.int32(0), lo, shift, jnp.zeros(ks.shape, jnp.int32), jnp.zeros_like(ks))
+    return lax.while_loop(missed, attempt, start)[1:]
 
 
-def _block_histogram(leaves: Leaves, dtype: jnp.dtype) -> Array:
-    """One pass (compiled once per array size: it only runs when a sample missed): counts of keys
-    per block of 2**BLOCK_BITS consecutive keys."""
-    return _histogram(leaves, lambda keys: (keys >> BLOCK_BITS).astype(jnp.int32), NUM_BLOCKS,
-                      dtype, in_place=False)
+def _fine_keys_per_slot(levels: int, leaves: int) -> int:
+    """Keys per level in the fine pass's per-leaf counts: the most that fit FINE_BINS, at most a
+    whole coarse block; 0 where not even SPREAD keys fit."""
+    fit = FINE_BINS // (levels * leaves)
+    keys = 1 << min(COARSE_BITS, fit.bit_length() - 1) if fit else 0
+    return keys if keys >= SPREAD else 0
 
 
-def _block_windows(leaves: Leaves, ks: Array) -> tuple[Array, Array]:
-    """Windows that surely hold the k-th keys: each starts on its k-th key's block of keys."""
-    cumulative = jnp.cumsum(_block_histogram(leaves, ks.dtype))
-    block = jnp.searchsorted(cumulative, ks, side="left").astype(jnp.uint32)
-    starts = _disjoint(jnp.minimum(block << BLOCK_BITS, _TOP))
-    return starts, jnp.full_like(starts, WINDOW)
+def _fine_histogram(leaves: Leaves, lo: Array, shift: Array, block: Array, slot: Array,
+                    region: Array, per_leaf: Array, size: int, dtype: jnp.dtype) -> Array:
+    """Counts of the keys in each level's coarse block: level `slot` counts from slot * region,
+    key by key and, if per_leaf, leaf by leaf within each key. Other keys are not counted."""
+    offset_mask = (jnp.uint32(1) << shift) - 1
+    leaf_stride = jnp.where(per_leaf, len(leaves), 1)
+
+    def bin_of(index: int | Array, keys: Array) -> Array:
+        # Keys below lo wrap to past the range (`_sampled_range` sees to that), as do keys above
+        # it: both find no level's block and are skipped.
+        relative = keys - lo
+        key_block = (relative >> shift).astype(jnp.int32)
+        base = jnp.int32(-1)
+        for level in range(block.shape[0]):  # a compare per level beats a table lookup
+            base = jnp.where(key_block == block[level], slot[level] * region, base)
+        offset = (relative & offset_mask).astype(jnp.int32)
+        leaf = jnp.where(per_leaf, index, 0)
+        return jnp.where(base >= 0, base + offset * leaf_stride + leaf, size)
+
+    return _histogram(leaves, bin_of, size, dtype, skips=True, in_place=False)
 
 
-def kth_keys(leaves: Leaves, ks: Array) -> tuple[Array, Array, Array]:
-    """For ascending ks (1 <= k <= size): the k-th key, the count below it, the count equal.
+def _leaf_ties(leaves: Leaves, thresholds: Array, dtype: jnp.dtype) -> Array:
+    """(levels, leaves) counts of keys equal to each threshold: one pass, compiled once per array
+    size (it runs only where the fine pass could not count per leaf)."""
+    def count(index: int | Array, flat: Array, counts: Array) -> Array:
+        ties = jnp.sum(sortable_keys(flat)[None] == thresholds[:, None], axis=1, dtype=dtype)
+        return counts.at[:, index].set(ties)
 
-    The windowed pass runs on the sample's windows and, only if one missed, again on windows
-    placed by a block histogram (that rare path is compiled once per array size).
-    """
-    total = leaves.total
-    # Many levels mean many windows whose bins miss the cache; a 4x sample halves their width
-    # (measured: 10% off a 9-level selection of BERT-base, a loss for one level).
-    sample_size = SAMPLE_SIZE * (4 if ks.shape[0] >= 5 else 1)
-    windows = _sample_windows(_sample(leaves, min(sample_size, 4 * total)), total, ks)
-
-    def attempt(windows: tuple[Array, Array], in_place: bool) -> tuple[Array, ...]:
-        hist = _windowed_histogram(leaves, *windows, ks.dtype, in_place)
-        return _windowed_kth(hist, windows[0], ks)
-
-    found, key, below, equal = attempt(windows, in_place=True)
-    return lax.cond(jnp.all(found), lambda: (key, below, equal),
-                    lambda: attempt(_block_windows(leaves, ks), in_place=False)[1:])
+    start = jnp.zeros((thresholds.shape[0], len(leaves)), dtype)
+    return fold_leaves(leaves, count, start, in_place=False)
 
 
-def _key_values(keys: Array) -> Array:
-    """The float32 scores that `sortable_keys` maps to these keys."""
-    positive = (keys >> 31) == 1
-    bits = jnp.where(positive, keys & jnp.uint32(0x7FFFFFFF), ~keys)
-    return lax.bitcast_convert_type(bits, jnp.float32)
+def kth_keys(leaves: Leaves, ks: Array) -> tuple[Array, Array, Array, Array]:
+    """For ascending ks (1 <= k <= size): the k-th key, the count below it, the count equal to it,
+    and the count equal to it in each leaf, shape (len(ks), len(leaves))."""
+    levels, dtype = ks.shape[0], ks.dtype
+    sample = _sample(leaves, min(SAMPLE_SIZE, 4 * leaves.total))
+    lo, shift, block, below_block = _coarse_blocks(leaves, ks, *_sampled_range(
+        sample, leaves.total, ks))
+
+    # Levels whose k-th keys share a coarse block share its counts: the first such level's slot.
+    slot = jnp.argmax(block[None, :] == block[:, None], axis=1).astype(jnp.int32)
+    keys_per_slot = _fine_keys_per_slot(levels, len(leaves))
+    per_leaf = shift <= keys_per_slot.bit_length() - 1 if keys_per_slot else jnp.bool_(False)
+    region = jnp.where(per_leaf, keys_per_slot * len(leaves), COARSE_BLOCKS)
+    size = levels * max(keys_per_slot * len(leaves), COARSE_BLOCKS)
+    hist = _fine_histogram(leaves, lo, shift, block, slot, region, per_leaf, size, dtype)
+
+    def within_block(key_counts: Array) -> tuple[Array, Array, Array]:
+        offset, below = jax.vmap(_kth_bin)(key_counts, ks - below_block)
+        equal = jnp.take_along_axis(key_counts, offset[:, None], 1)[:, 0]
+        return offset, below_block + below, equal
+
+    def counted_per_leaf() -> tuple[Array, ...]:
+        counts = hist[:levels * keys_per_slot * len(leaves)].reshape(
+            levels, keys_per_slot, len(leaves))[slot]
+        offset, below, equal = within_block(jnp.sum(counts, axis=2, dtype=dtype))
+        return offset, below, equal, jnp.take_along_axis(counts, offset[:, None, None], 1)[:, 0]
+
+    def counted_per_key() -> tuple[Array, ...]:
+        offset, below, equal = within_block(
+            hist[:levels * COARSE_BLOCKS].reshape(levels, COARSE_BLOCKS)[slot])
+        keys = lo + (block.astype(jnp.uint32) << shift) + offset.astype(jnp.uint32)
+        return offset, below, equal, _leaf_ties(leaves, keys, dtype)
+
+    if keys_per_slot:
+        offset, below, equal, leaf_ties = lax.cond(per_leaf, counted_per_leaf, counted_per_key)
+    else:
+        offset, below, equal, leaf_ties = counted_per_key()
+    keys = lo + (block.astype(jnp.uint32) << shift) + offset.astype(jnp.uint32)
+    return keys, below, equal, leaf_ties
 
 
 def _row_length(size: int) -> int:
-    """The largest divisor of `size` up to 4096: rows short enough to count in float32."""
+    """The largest divisor of `size` up to 4096: rows for short running totals."""
     return next((r for r in range(min(size, 4096), 0, -1) if size % r == 0), 1)
 
 
-def _tie_cuts(leaves: Leaves, thresholds: Array, ties_to_remove: Array,
-              partial: Array) -> tuple[Array, Array]:
+def _tie_cuts(leaves: Leaves, thresholds: Array, ties_to_remove: Array, equal: Array,
+              leaf_ties: Array) -> tuple[Array, Array]:
     """Per level, where the removal of threshold-tied elements stops: (leaf, last flat index).
 
     Ties are removed in leaf order, then flat order: all of them in leaves before the returned
-    leaf, and those at flat index <= the returned index in it. Levels that are not `partial` (all
-    their ties go) get leaf = number of leaves. One counting pass serves every level.
+    leaf, and those at flat index <= the returned index in it. Levels whose ties all go get
+    leaf = number of leaves. Only the cut leaf of each level is read.
     """
     dtype = ties_to_remove.dtype
     levels = thresholds.shape[0]
-    values = _key_values(thresholds)
-    # Float arithmetic tells ties apart exactly unless a threshold is tiny (or infinite), where
-    # flushed subnormals would blur it; those levels are counted on the integer keys instead.
-    fast = jnp.all(~partial | (jnp.abs(values) >= 2.0**-100) & jnp.isfinite(values))
-
-    def counts_with(row_ties: Callable[[Array], Array], in_place: bool) -> Array:
-        def count(index: int | Array, flat: Array, counts: Array) -> Array:
-            return counts.at[index].set(jnp.sum(row_ties(flat), axis=1, dtype=dtype))
-
-        return fold_leaves(leaves, count, jnp.zeros((len(leaves), levels), dtype), in_place)
-
-    def float_row_ties(flat: Array) -> Array:
-        rows = flat.astype(jnp.float32).reshape(-1, _row_length(flat.size))
-        differs = jnp.minimum(jnp.ceil(jnp.abs(rows[None] - values[:, None, None])), 1.0)
-        return (rows.shape[1] - jnp.sum(differs, axis=2)).astype(dtype)
-
-    def key_row_ties(flat: Array) -> Array:
-        rows = sortable_keys(flat).reshape(-1, _row_length(flat.size))
-        return jnp.sum(rows[None] == thresholds[:, None, None], axis=2, dtype=dtype)
-
-    # The integer path is rare (tiny thresholds), so it is compiled once per array size.
-    per_leaf = lax.cond(fast, lambda: counts_with(float_row_ties, in_place=True),
-                        lambda: counts_with(key_row_ties, in_place=False))
-    cumulative = jnp.cumsum(per_leaf, axis=0)
-    leaf = jax.vmap(lambda c, t: jnp.searchsorted(c, t, side="left"))(cumulative.T, ties_to_remove)
+    partial = ties_to_remove < equal
+    cumulative = jnp.cumsum(leaf_ties, axis=1, dtype=dtype)
+    leaf = jax.vmap(lambda c, t: jnp.searchsorted(c, t, side="left"))(cumulative, ties_to_remove)
     leaf = jnp.where(partial, leaf.astype(jnp.int32), len(leaves))
-    before = jnp.where(leaf > 0, cumulative[jnp.maximum(leaf - 1, 0), jnp.arange(levels)], 0)
+    before = jnp.where(leaf > 0, cumulative[jnp.arange(levels), jnp.maximum(leaf - 1, 0)], 0)
     quota = ties_to_remove - before
 
     groups = _size_groups(leaves)
@@ -369,7 +386,7 @@ def _tie_cuts(leaves: Leaves, thresholds: Array, ties_to_remove: Array,
     def cut_in(group: list[int], level: Array) -> Array:
         # Only the cut leaf is read, so it may be copied out.
         member = jnp.argmax(jnp.asarray(group) == leaf[level])
-        flat = lax.switch(member, [lambda i=i: _as_float32(leaves.flat(i)) for i in group])
+        flat = lax.switch(member, [lambda i=i: leaves.flat(i).astype(jnp.float32) for i in group])
         # The row holding the cut, then the cut within that row: short running totals only.
         rows = sortable_keys(flat).reshape(-1, _row_length(flat.size)) == thresholds[level]
         row_totals = jnp.cumsum(jnp.sum(rows, axis=1, dtype=dtype))
@@ -383,33 +400,48 @@ def _tie_cuts(leaves: Leaves, thresholds: Array, ties_to_remove: Array,
         branches = [lambda g=g: cut_in(g, level) for g in groups] + [lambda: jnp.zeros((), dtype)]
         return cuts.at[level].set(lax.switch(jnp.asarray(group_of)[leaf[level]], branches))
 
-    return leaf, lax.fori_loop(0, levels, level_cut, jnp.zeros((levels,), dtype))
+    cuts = lax.cond(jnp.any(partial),
+                    lambda: lax.fori_loop(0, levels, level_cut, jnp.zeros((levels,), dtype)),
+                    lambda: jnp.zeros((levels,), dtype))
+    return leaf, cuts
+
+
+def _kept_mask(keys: Array, threshold: Array, last_removed: Array) -> Array:
+    """Kept flags of keys (rows of a flat array): those above the threshold, and those equal to it
+    at flat positions after `last_removed`.
+
+    Whole rows on either side of the row holding position last_removed + 1 need one comparison
+    per key (key > threshold, or key >= threshold); that row alone is worked out in full.
+    """
+    rows, columns = keys.shape
+    cut_row = jnp.minimum((last_removed + 1) // columns, rows - 1)
+    row_threshold = jnp.where(jnp.arange(rows) < cut_row, threshold + 1, threshold)
+    kept = keys >= row_threshold[:, None]
+    row = lax.dynamic_index_in_dim(keys, cut_row, keepdims=False)
+    position = cut_row * columns + jnp.arange(columns, dtype=jnp.int32)
+    kept_row = (row > threshold) | ((row == threshold) & (position > last_removed))
+    return lax.dynamic_update_index_in_dim(kept, kept_row, cut_row, 0)
 
 
 @jax.jit
-def _kept_masks(leaves: Leaves, counts: Array) -> list[Array]:
-    """Per array, its kept masks for every count, shape (levels, *array shape)."""
-    thresholds, below, equal = kth_keys(leaves, jnp.maximum(counts, 1))
-    ties_to_remove = jnp.maximum(counts, 1) - below
-
-    partial = ties_to_remove < equal
-    cut_leaf, cut_index = lax.cond(
-        jnp.any(partial), lambda: _tie_cuts(leaves, thresholds, ties_to_remove, partial),
-        lambda: (jnp.full(counts.shape, len(leaves), jnp.int32), jnp.zeros_like(counts)))
-    masks = []
+def _kept_masks(leaves: Leaves, counts: Array) -> list[list[Array]]:
+    """Kept masks, one list of per-array masks for each count."""
+    ks = jnp.maximum(counts, 1)
+    thresholds, below, equal, leaf_ties = kth_keys(leaves, ks)
+    cut_leaf, cut_index = _tie_cuts(leaves, thresholds, ks - below, equal, leaf_ties)
+    per_array = []
     for index, array in enumerate(leaves.arrays):
         # Tied weights at flat positions up to `last_removed` go: all of them in leaves before
         # the cut, none after it (nor when nothing is removed, where the threshold is the
         # smallest key).
         last_removed = jnp.where(index < cut_leaf, array.size - 1,
                                  jnp.where(index == cut_leaf, cut_index.astype(jnp.int32), -1))
-        last_removed = jnp.where(counts == 0, -1, last_removed)[:, None]
-        keys = sortable_keys(leaves.flat(index))
-        flat_index = jnp.arange(keys.size, dtype=jnp.int32)
-        kept = ((keys > thresholds[:, None])
-                | ((keys == thresholds[:, None]) & (flat_index > last_removed)))
-        masks.append(kept.reshape(counts.shape + array.shape))
-    return masks
+        last_removed = jnp.where(counts == 0, -1, last_removed)
+        # Rows along the last axis: a 2-D array needs no reshape, which XLA would copy.
+        keys = sortable_keys(leaves.scores(index)).reshape(-1, array.shape[-1] if array.ndim else 1)
+        per_array.append([_kept_mask(keys, t, last).reshape(array.shape)
+                          for t, last in zip(thresholds, last_removed, strict=True)])
+    return [list(level) for level in zip(*per_array, strict=True)]
 
 
 def kept_masks(scores: Sequence[Array], counts_to_remove: Sequence[int],
@@ -426,6 +458,4 @@ def kept_masks(scores: Sequence[Array], counts_to_remove: Sequence[int],
         raise ValueError(f"counts to remove must be ascending, got {list(counts_to_remove)}")
     if counts_to_remove and not 0 <= counts_to_remove[0] <= counts_to_remove[-1] <= total:
         raise ValueError(f"counts to remove must lie in [0, {total}], got {list(counts_to_remove)}")
-    counts = jnp.asarray(list(counts_to_remove), count_dtype(total))
-    per_array = _kept_masks(leaves, counts)
-    return [[masks[level] for masks in per_array] for level in range(len(counts_to_remove))]
+    return _kept_masks(leaves, jnp.asarray(list(counts_to_remove), count_dtype(total)))

@@ -168,28 +168,59 @@ def test_arrays_of_one_size_but_different_dtypes_prune_exactly():
         np.testing.assert_array_equal(got, expected)
 
 
-def test_sample_miss_falls_back_to_exact_block_windows():
-    # Half the weights sit on one tiny value and half are spread over many octaves, so the k-th key
-    # for k just past the tie block is far from where a sample of this size would put a window.
+def removed_in_order(scores: np.ndarray, sparsity: float) -> np.ndarray:
+    """Reference: flags of the round(s * n) lowest scores, ties broken by flat position."""
+    removed = np.zeros(scores.size, bool)
+    removed[np.lexsort((np.arange(scores.size), scores))[:round(sparsity * scores.size)]] = True
+    return removed
+
+
+def test_sample_miss_falls_back_to_a_coarse_pass_over_all_keys():
+    # The weights the sample reads are tiny, the rest are not: the sample puts every k-th key
+    # among the tiny ones, so the coarse pass over its range misses them.
+    size = 4 * select.SAMPLE_SIZE
+    positions = jnp.arange(1, size + 1, dtype=jnp.float32)  # exact in float32 below 2**24
+    keys = select._sample(select.Leaves([positions]), select.SAMPLE_SIZE)
+    # A positive score's key is its bit pattern with the top bit set.
+    sampled = np.asarray(jax.lax.bitcast_convert_type(keys & 0x7FFFFFFF, jnp.float32))
     rng = np.random.default_rng(1)
-    spread = np.exp(rng.uniform(-30, 5, size=3000)).astype(np.float32)
-    tree = {"w": jnp.asarray(np.concatenate([np.full(3000, 1e-3, np.float32), spread]))
-            .reshape(60, 100)}
-    scores = np.abs(np.asarray(tree["w"])).ravel()
-    sparsities = (0.01, 0.499, 0.5, 0.5005, 0.73, 0.999)
-    # The sample's windows really do miss one of these k-th keys, so the fallback is exercised.
+    weights = rng.uniform(1.0, 2.0, size).astype(np.float32)
+    weights[sampled.astype(np.int64) - 1] = rng.uniform(1e-6, 2e-6, sampled.size)
+    tree = {"w": jnp.asarray(weights).reshape(512, -1)}
+    sparsities = (0.3, 0.5, 0.9)
+
     leaves = select.Leaves([tree["w"]], jnp.abs)
-    ks = jnp.asarray([round(s * scores.size) for s in sparsities], jnp.uint32)
-    sample = select._sample(leaves, min(select.SAMPLE_SIZE, 4 * scores.size))
-    starts, lengths = select._sample_windows(sample, scores.size, ks)
-    hist = select._windowed_histogram(leaves, starts, lengths, jnp.uint32)
-    assert not select._windowed_kth(hist, starts, ks)[0].all()
-    for sparsity in sparsities:
-        mask = pruning.unstructured(pruning.magnitude(tree, where="w"), sparsity)
-        k = round(sparsity * scores.size)
-        expected = np.zeros(scores.size, bool)
-        expected[np.lexsort((np.arange(scores.size), scores))[:k]] = True
-        np.testing.assert_array_equal(~np.asarray(mask["w"]).ravel(), expected)
+    ks = jnp.asarray([round(s * size) for s in sparsities], jnp.uint32)
+    lo, shift = select._sampled_range(select._sample(leaves, select.SAMPLE_SIZE), size, ks)
+    hist = select._coarse_histogram(leaves, lo, shift, jnp.uint32)
+    bins, _ = jax.vmap(select._kth_bin, in_axes=(None, 0))(hist, ks)
+    assert np.any(np.asarray(bins - select.SPREAD) >= select.COARSE_BLOCKS)  # it really misses
+
+    masks = pruning.unstructured(pruning.magnitude(tree, where="w"), list(sparsities))
+    for sparsity, mask in zip(sparsities, masks, strict=True):
+        np.testing.assert_array_equal(~np.asarray(mask["w"]).ravel(),
+                                      removed_in_order(weights, sparsity))
+
+
+def test_ties_counted_per_key_when_the_range_is_too_wide_to_count_per_leaf():
+    # Signed scores span both halves of the key space: too wide a range for per-leaf counts of
+    # 40 leaves at 10 levels, so the fine pass counts per key and one more pass finds the ties.
+    rng = np.random.default_rng(2)
+    scores = {f"w{i:02d}": jnp.asarray(np.round(rng.normal(size=(16, 24)) * 8) / 8, jnp.float32)
+              for i in range(40)}
+    sparsities = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.95]
+    flat = np.concatenate([np.asarray(w).ravel() for w in scores.values()])
+
+    leaves = select.Leaves(list(scores.values()))
+    ks = jnp.asarray([round(s * flat.size) for s in sparsities], jnp.uint32)
+    _, shift = select._sampled_range(select._sample(leaves, select.SAMPLE_SIZE), flat.size, ks)
+    keys_per_slot = select._fine_keys_per_slot(len(sparsities), len(scores))
+    assert int(shift) > keys_per_slot.bit_length() - 1  # the per-key path really runs
+
+    masks = pruning.unstructured(scores, sparsities)
+    for sparsity, mask in zip(sparsities, masks, strict=True):
+        removed = np.concatenate([~np.asarray(m).ravel() for m in mask.values()])
+        np.testing.assert_array_equal(removed, removed_in_order(flat, sparsity))
 
 
 def test_negative_scores_are_ordered_correctly():
