@@ -209,18 +209,15 @@ def _sample(leaves: Leaves, sample_size: int) -> Array:
     Positions follow a golden-ratio (Weyl) sequence over the flat index: spread evenly, cheap to
     compile, and deterministic; a poor sample costs speed, never exactness.
     """
-    counts = [max(1, round(sample_size * leaves.size(i) / leaves.total))
-              for i in range(len(leaves))]
-    offsets = np.cumsum([0, *counts[:-1]])
-    sample = jnp.zeros((sum(counts),), jnp.uint32)
-
-    def body(index: int, flat: Array, sample: Array) -> Array:
-        steps = jnp.arange(counts[index], dtype=jnp.uint32) + jnp.uint32(index * 7919)
-        fraction = (steps * jnp.uint32(0x9E3779B9)).astype(jnp.float32) * (1.0 / 2**32)
-        positions = jnp.minimum((fraction * flat.size).astype(jnp.int32), flat.size - 1)
-        return lax.dynamic_update_slice(sample, sortable_keys(flat[positions]), (offsets[index],))
-
-    return jnp.sort(fold_leaves(leaves, body, sample))
+    parts = []
+    for index in range(len(leaves)):
+        size = leaves.size(index)
+        count = max(1, round(sample_size * size / leaves.total))
+        steps = np.arange(count, dtype=np.uint64) + index * 7919
+        fraction = ((steps * 0x9E3779B9) % 2**32).astype(np.float64) / 2**32
+        positions = np.minimum((fraction * size).astype(np.int64), size - 1)
+        parts.append(sortable_keys(leaves.flat(index)[positions]))
+    return jnp.sort(jnp.concatenate(parts))
 
 
 def _sampled_range(sample: Array, total: int, ks: Array) -> tuple[Array, Array]:
@@ -406,41 +403,29 @@ def _tie_cuts(leaves: Leaves, thresholds: Array, ties_to_remove: Array, equal: A
     return leaf, cuts
 
 
-def _kept_mask(keys: Array, threshold: Array, last_removed: Array) -> Array:
-    """Kept flags of keys (rows of a flat array): those above the threshold, and those equal to it
-    at flat positions after `last_removed`.
-
-    Whole rows on either side of the row holding position last_removed + 1 need one comparison
-    per key (key > threshold, or key >= threshold); that row alone is worked out in full.
-    """
-    rows, columns = keys.shape
-    cut_row = jnp.minimum((last_removed + 1) // columns, rows - 1)
-    row_threshold = jnp.where(jnp.arange(rows) < cut_row, threshold + 1, threshold)
-    kept = keys >= row_threshold[:, None]
-    row = lax.dynamic_index_in_dim(keys, cut_row, keepdims=False)
-    position = cut_row * columns + jnp.arange(columns, dtype=jnp.int32)
-    kept_row = (row > threshold) | ((row == threshold) & (position > last_removed))
-    return lax.dynamic_update_index_in_dim(kept, kept_row, cut_row, 0)
-
-
 @jax.jit
 def _kept_masks(leaves: Leaves, counts: Array) -> list[list[Array]]:
     """Kept masks, one list of per-array masks for each count."""
     ks = jnp.maximum(counts, 1)
     thresholds, below, equal, leaf_ties = kth_keys(leaves, ks)
     cut_leaf, cut_index = _tie_cuts(leaves, thresholds, ks - below, equal, leaf_ties)
+
+    # Tied weights at flat positions up to `last_removed` go: all of them in leaves before the
+    # cut, none after it (nor when nothing is removed, where the threshold is the smallest key).
+    # Computed for every array and level at once: thousands of scalar ops would each compile.
+    index = np.arange(len(leaves))[:, None]
+    sizes = np.asarray([array.size for array in leaves.arrays])[:, None]
+    last_removed = jnp.where(index < cut_leaf, sizes - 1,
+                             jnp.where(index == cut_leaf, cut_index.astype(jnp.int32), -1))
+    last_removed = jnp.where(counts == 0, -1, last_removed)
+
     per_array = []
-    for index, array in enumerate(leaves.arrays):
-        # Tied weights at flat positions up to `last_removed` go: all of them in leaves before
-        # the cut, none after it (nor when nothing is removed, where the threshold is the
-        # smallest key).
-        last_removed = jnp.where(index < cut_leaf, array.size - 1,
-                                 jnp.where(index == cut_leaf, cut_index.astype(jnp.int32), -1))
-        last_removed = jnp.where(counts == 0, -1, last_removed)
-        # Rows along the last axis: a 2-D array needs no reshape, which XLA would copy.
-        keys = sortable_keys(leaves.scores(index)).reshape(-1, array.shape[-1] if array.ndim else 1)
-        per_array.append([_kept_mask(keys, t, last).reshape(array.shape)
-                          for t, last in zip(thresholds, last_removed, strict=True)])
+    for i, array in enumerate(leaves.arrays):
+        keys = sortable_keys(leaves.flat(i))
+        position = lax.iota(jnp.int32, array.size)
+        # Kept: above the threshold, or equal to it past the last removed position.
+        per_array.append([(keys >= thresholds[level] + (position <= last_removed[i, level]))
+                          .reshape(array.shape) for level in range(counts.shape[0])])
     return [list(level) for level in zip(*per_array, strict=True)]
 
 
