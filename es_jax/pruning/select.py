@@ -41,6 +41,8 @@ FINE_BINS = 1 << 21
 SAMPLE_SIZE = 1 << 16
 _COUNT_ONE = lax.ScatterDimensionNumbers(update_window_dims=(), inserted_window_dims=(0,),
                                          scatter_dims_to_operand_dims=(0,))
+
+
 def sortable_keys(scores: Array) -> Array:
     """Order-preserving uint32 keys of float scores (bf16/fp16 widen exactly; -0.0 ties 0.0).
 
@@ -327,6 +329,9 @@ def kth_keys(leaves: Leaves, ks: Array) -> tuple[Array, Array, Array, Array]:
     size = levels * max(keys_per_slot * len(leaves), COARSE_BLOCKS)
     hist = _fine_histogram(leaves, lo, shift, block, slot, region, per_leaf, size, dtype)
 
+    def key_at(offset: Array) -> Array:
+        return lo + (block.astype(jnp.uint32) << shift) + offset.astype(jnp.uint32)
+
     def within_block(key_counts: Array) -> tuple[Array, Array, Array]:
         offset, below = jax.vmap(_kth_bin)(key_counts, ks - below_block)
         equal = jnp.take_along_axis(key_counts, offset[:, None], 1)[:, 0]
@@ -341,15 +346,13 @@ def kth_keys(leaves: Leaves, ks: Array) -> tuple[Array, Array, Array, Array]:
     def counted_per_key() -> tuple[Array, ...]:
         offset, below, equal = within_block(
             hist[:levels * COARSE_BLOCKS].reshape(levels, COARSE_BLOCKS)[slot])
-        keys = lo + (block.astype(jnp.uint32) << shift) + offset.astype(jnp.uint32)
-        return offset, below, equal, _leaf_ties(leaves, keys, dtype)
+        return offset, below, equal, _leaf_ties(leaves, key_at(offset), dtype)
 
     if keys_per_slot:
         offset, below, equal, leaf_ties = lax.cond(per_leaf, counted_per_leaf, counted_per_key)
     else:
         offset, below, equal, leaf_ties = counted_per_key()
-    keys = lo + (block.astype(jnp.uint32) << shift) + offset.astype(jnp.uint32)
-    return keys, below, equal, leaf_ties
+    return key_at(offset), below, equal, leaf_ties
 
 
 def _row_length(size: int) -> int:
