@@ -213,7 +213,8 @@ def test_ties_counted_per_key_when_the_range_is_too_wide_to_count_per_leaf():
 
     leaves = select.Leaves(list(scores.values()))
     ks = jnp.asarray([round(s * flat.size) for s in sparsities], jnp.uint32)
-    _, shift = select._sampled_range(select._sample(leaves, select.SAMPLE_SIZE), flat.size, ks)
+    sample = select._sample(leaves, min(select.SAMPLE_SIZE, 4 * flat.size))  # as kth_keys does
+    _, shift = select._sampled_range(sample, flat.size, ks)
     keys_per_slot = select._fine_keys_per_slot(len(sparsities), len(scores))
     assert int(shift) > keys_per_slot.bit_length() - 1  # the per-key path really runs
 
