@@ -94,14 +94,10 @@ class Leaves:
         """The number of scores in all arrays."""
         return sum(a.size for a in self.arrays)
 
-    def scores(self, index: int) -> Array:
-        """Array `index`'s scores, in its shape."""
-        array = self.arrays[index]
-        return array if self.transform is None else self.transform(array)
-
     def flat(self, index: int) -> Array:
         """Array `index`'s scores, flattened."""
-        return self.scores(index).reshape(-1)
+        flat = self.arrays[index].reshape(-1)
+        return flat if self.transform is None else self.transform(flat)
 
 
 def _size_groups(leaves: Leaves) -> list[list[int]]:
@@ -189,20 +185,20 @@ def _histogram(leaves: Leaves, bin_of: Callable[[int | Array, Array], Array], si
                        prepare=lambda index, flat: bin_of(index, sortable_keys(flat)))
 
 
-def _kth_bin(counts: Array, k: Array) -> tuple[Array, Array]:
+def _kth_bin(counts: Array, k: Array, block: int = SPREAD) -> tuple[Array, Array]:
     """The first bin at which the running total of `counts` reaches k, and the total before it.
 
-    Searched in blocks of SPREAD bins and then within one block, because a running total over
+    Searched in blocks of `block` bins and then within one block, because a running total over
     every bin is slow on XLA:CPU.
     """
-    blocks = counts.reshape(-1, SPREAD)
+    blocks = counts.reshape(-1, block)
     totals = jnp.cumsum(jnp.sum(blocks, axis=1, dtype=counts.dtype))
-    block = jnp.searchsorted(totals, k, side="left").astype(jnp.int32)
-    before = jnp.where(block > 0, totals[jnp.maximum(block - 1, 0)], 0)
-    running = before + jnp.cumsum(blocks[block], dtype=counts.dtype)
+    index = jnp.searchsorted(totals, k, side="left").astype(jnp.int32)
+    before = jnp.where(index > 0, totals[jnp.maximum(index - 1, 0)], 0)
+    running = before + jnp.cumsum(blocks[index], dtype=counts.dtype)
     j = jnp.searchsorted(running, k, side="left").astype(jnp.int32)
     below = jnp.where(j > 0, running[jnp.maximum(j - 1, 0)], before)
-    return block * SPREAD + j, below.astype(counts.dtype)
+    return index * block + j, below.astype(counts.dtype)
 
 
 def _sample(leaves: Leaves, sample_size: int) -> Array:
@@ -356,7 +352,7 @@ def kth_keys(leaves: Leaves, ks: Array) -> tuple[Array, Array, Array, Array]:
 
 
 def _row_length(size: int) -> int:
-    """The largest divisor of `size` up to 4096: rows for short running totals."""
+    """The largest divisor of `size` up to 4096: blocks for short running totals."""
     return next((r for r in range(min(size, 4096), 0, -1) if size % r == 0), 1)
 
 
@@ -387,14 +383,8 @@ def _tie_cuts(leaves: Leaves, thresholds: Array, ties_to_remove: Array, equal: A
         # Only the cut leaf is read, so it may be copied out.
         member = jnp.argmax(jnp.asarray(group) == leaf[level])
         flat = lax.switch(member, [lambda i=i: leaves.flat(i).astype(jnp.float32) for i in group])
-        # The row holding the cut, then the cut within that row: short running totals only.
-        rows = sortable_keys(flat).reshape(-1, _row_length(flat.size)) == thresholds[level]
-        row_totals = jnp.cumsum(jnp.sum(rows, axis=1, dtype=dtype))
-        row = jnp.searchsorted(row_totals, quota[level], side="left").astype(jnp.int32)
-        before_row = jnp.where(row > 0, row_totals[jnp.maximum(row - 1, 0)], 0)
-        running = jnp.cumsum(rows[row], dtype=dtype)
-        column = jnp.searchsorted(running, quota[level] - before_row, side="left")
-        return (row * rows.shape[1] + column).astype(dtype)
+        ties = (sortable_keys(flat) == thresholds[level]).astype(dtype)
+        return _kth_bin(ties, quota[level], _row_length(flat.size))[0].astype(dtype)
 
     def level_cut(level: Array, cuts: Array) -> Array:
         branches = [lambda g=g: cut_in(g, level) for g in groups] + [lambda: jnp.zeros((), dtype)]
