@@ -7,7 +7,16 @@ Imports only jax and numpy, so it can be taken alone into any Flax codebase:
     pruned = pruning.apply(params, mask)
 """
 
-from es_jax.pruning.masks import apply, erk, erk_densities, n_of_m, omp, unstructured
+from es_jax.pruning.masks import (
+    apply,
+    erk,
+    erk_densities,
+    filled_mask,
+    n_of_m,
+    omp,
+    target_leaf_flags,
+    unstructured,
+)
 from es_jax.pruning.paths import leaf_paths, select
 from es_jax.pruning.scores import magnitude, random_scores, wanda
 from es_jax.pruning.stats import format_report, near_zero, report, similarity
@@ -16,6 +25,7 @@ __all__ = [
     "apply",
     "erk",
     "erk_densities",
+    "filled_mask",
     "format_report",
     "leaf_paths",
     "magnitude",
@@ -26,6 +36,7 @@ __all__ = [
     "report",
     "select",
     "similarity",
+    "target_leaf_flags",
     "unstructured",
     "wanda",
 ]

@@ -1,7 +1,8 @@
 """Masks from scores: global and layer-wise unstructured, nested levels, N:M, ERK; and `apply`.
 
 A mask is a bool pytree with the structure of the parameters: True where a weight is kept, `None`
-on leaves that are not targets.
+on leaves that are not targets. `filled_mask` and `target_leaf_flags` recast it for code that
+cannot take `None` leaves (a plain `jax.tree.map`, `optax.masked`).
 """
 
 from __future__ import annotations
@@ -156,6 +157,32 @@ def apply(params: PyTree, mask: PyTree) -> PyTree:
     out = [leaf if keep is None else jnp.where(keep, leaf, jnp.zeros((), jnp.asarray(leaf).dtype))
            for leaf, keep in zip(leaves, aligned, strict=True)]
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def filled_mask(mask: PyTree, params: PyTree) -> PyTree:
+    """The mask with every None leaf replaced by an all-True bool array of the parameter's shape.
+
+    Every leaf is then an array, so the mask pairs with the parameters in a plain `jax.tree.map`
+    (no `is_leaf`): with `filled = filled_mask(mask, params)`,
+    `jax.tree.map(lambda p, m: jnp.where(m, p, 0), params, filled)` equals `apply(params, mask)`.
+    The mask's array leaves are returned as they are; a filled leaf is
+    `jnp.ones_like(param, dtype=bool)`, which called eagerly has the parameter's sharding (inside
+    jit, the compiler places it).
+    """
+    _, leaves, aligned = check_like(params, mask, "mask")
+    treedef = jax.tree_util.tree_structure(params)
+    out = [jnp.ones_like(leaf, dtype=jnp.bool_) if keep is None else keep
+           for leaf, keep in zip(leaves, aligned, strict=True)]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def target_leaf_flags(mask: PyTree) -> PyTree:
+    """A tree of Python bools with the mask's structure: True on target leaves, False on None ones.
+
+    The per-leaf mask that `optax.masked(inner, target_leaf_flags(mask))` takes: `inner` then
+    sees and transforms the target leaves only, and the other leaves' updates pass unchanged.
+    """
+    return jax.tree.map(lambda keep: keep is not None, mask, is_leaf=_is_none)
 
 
 def omp(params: PyTree, sparsity: Sparsity, where: Selector | None = None,
