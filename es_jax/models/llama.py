@@ -16,10 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from es_jax.models import layers
+from es_jax.models import family, hf_names, layers
 
 MODEL_TYPES = ("llama",)
 PRUNABLE = r"(?:.*/)?model/layers/\d+/(self_attn/(query|key|value|out)|mlp/(gate|up|down))/kernel"
+SIGNATURE = r"(?:.*/)?model/embed_tokens/embedding"
+TASKS = ("causal_lm",)
+
+layer_of, component_of = family.block_paths("model/layers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,16 +63,6 @@ class LlamaConfig:
 
 
 _NOT_HF = ("rope_theta", "dtype", "param_dtype")
-
-
-def _common(config: LlamaConfig, rngs: nnx.Rngs) -> dict:
-    """Keyword arguments shared by the embedding, attention, MLP and head constructors."""
-    return dict(
-        dtype=config.dtype,
-        param_dtype=config.param_dtype,
-        init_stddev=config.initializer_range,
-        rngs=rngs,
-    )
 
 
 def _rope_theta(hf: dict) -> float:
@@ -126,15 +120,16 @@ class LlamaDecoderLayer(nnx.Module):
             head_dim=config.attention_head_dim,
             use_bias=config.attention_bias,
             rope_theta=config.rope_theta,
-            **_common(config, rngs),
+            **layers.layer_kwargs(config, rngs),
         )
         self.post_attention_layernorm = layers.RMSNorm(config.hidden_size, **norm)
-        self.mlp = layers.GatedMlp(
+        self.mlp = layers.Mlp(
             config.hidden_size,
             config.intermediate_size,
             activation_name=config.hidden_act,
+            gated=True,
             use_bias=config.mlp_bias,
-            **_common(config, rngs),
+            **layers.layer_kwargs(config, rngs),
         )
 
     def __call__(self, x: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
@@ -151,7 +146,7 @@ class LlamaModel(nnx.Module):
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         self.embed_tokens = layers.embed(
-            config.vocab_size, config.hidden_size, **_common(config, rngs)
+            config.vocab_size, config.hidden_size, **layers.layer_kwargs(config, rngs)
         )
         self.layers = nnx.List(
             [LlamaDecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)]
@@ -168,26 +163,13 @@ class LlamaModel(nnx.Module):
         return self.norm(x)
 
 
-class LlamaForCausalLM(nnx.Module):
+class LlamaForCausalLM(layers.CausalLM):
     """Llama with its language-model head: next-token logits (B, L, vocab)."""
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
-        self.config = config
-        self.model = LlamaModel(config, rngs=rngs)
-        self.lm_head = (
-            None
-            if config.tie_word_embeddings
-            else layers.linear(
-                config.hidden_size, config.vocab_size, use_bias=False, **_common(config, rngs)
-            )
-        )
+    backbone_name = "model"
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-        """Logits (B, L, vocab) for every position; padding keys are hidden from attention."""
-        hidden = self.model(input_ids, attention_mask)
-        if self.lm_head is None:
-            return self.model.embed_tokens.attend(hidden)
-        return self.lm_head(hidden)
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        super().__init__(config, LlamaModel(config, rngs=rngs), rngs=rngs)
 
 
 def build(
@@ -195,43 +177,43 @@ def build(
 ) -> LlamaForCausalLM:
     """The Llama module for `task` (None or "causal_lm"; Llama has no other head here)."""
     del num_labels  # causal LM only
-    if task not in (None, "causal_lm"):
-        raise ValueError(f"Llama task {task!r} is not supported; supported: None, 'causal_lm'")
+    if task not in (None, *TASKS):
+        raise family.unknown_task("Llama", task, TASKS)
     return LlamaForCausalLM(config, rngs=rngs)
 
 
-def weight_specs(config: LlamaConfig) -> list[layers.WeightSpec]:
+def weight_specs(model: LlamaForCausalLM) -> list[hf_names.WeightSpec]:
     """The HF <-> NNX map of every Llama tensor (`model.` prefix optional on load)."""
+    config = model.config
     attention = {"q_proj": "query", "k_proj": "key", "v_proj": "value", "o_proj": "out"}
     mlp = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
-    body = layers.embed_specs("embed_tokens", ("model", "embed_tokens"))
+    body = hf_names.embed_specs("embed_tokens", ("model", "embed_tokens"))
     for i in range(config.num_hidden_layers):
         hf, path = f"layers.{i}", ("model", "layers", i)
-        body += layers.norm_specs(f"{hf}.input_layernorm", (*path, "input_layernorm"), bias=False)
-        body += layers.norm_specs(
+        body += hf_names.norm_specs(f"{hf}.input_layernorm", (*path, "input_layernorm"), bias=False)
+        body += hf_names.norm_specs(
             f"{hf}.post_attention_layernorm", (*path, "post_attention_layernorm"), bias=False
         )
         for hf_proj, proj in attention.items():
-            body += layers.linear_specs(
+            body += hf_names.linear_specs(
                 f"{hf}.self_attn.{hf_proj}", (*path, "self_attn", proj), bias=config.attention_bias
             )
         for hf_proj, proj in mlp.items():
-            body += layers.linear_specs(
+            body += hf_names.linear_specs(
                 f"{hf}.mlp.{hf_proj}", (*path, "mlp", proj), bias=config.mlp_bias
             )
-    body += layers.norm_specs("norm", ("model", "norm"), bias=False)
-    specs = layers.with_prefix(body, "model.", accept_bare=True)
+    body += hf_names.norm_specs("norm", ("model", "norm"), bias=False)
+    specs = hf_names.with_prefix(body, "model.", accept_bare=True)
     if not config.tie_word_embeddings:
-        specs += layers.linear_specs("lm_head", ("lm_head",), bias=False)
+        specs += hf_names.linear_specs("lm_head", ("lm_head",), bias=False)
     return specs
 
 
 def load_hf_tensors(model: LlamaForCausalLM, tensors: dict[str, np.ndarray]) -> None:
     """Fills `model` from an HF Llama state dict; validates every key and shape before assigning."""
-    layers.assign_hf_tensors(model, weight_specs(model.config), tensors, family="Llama")
+    hf_names.assign_hf_tensors(model, weight_specs(model), tensors, family="Llama")
 
 
 def export_hf_tensors(model: LlamaForCausalLM) -> dict[str, np.ndarray]:
     """The HF Llama state dict of `model` (fp32 numpy, PyTorch `(out, in)` layouts)."""
-    return layers.collect_hf_tensors(model, weight_specs(model.config))
-
+    return hf_names.collect_hf_tensors(model, weight_specs(model))

@@ -18,12 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from es_jax.models import layers
+from es_jax.models import family, hf_names, layers
 
 MODEL_TYPES = ("opt",)
 PRUNABLE = r"(?:.*/)?decoder/layers/\d+/(self_attn/(query|key|value|out)|mlp/(up|down))/kernel"
+SIGNATURE = r"(?:.*/)?decoder/embed_tokens/embedding"
+TASKS = ("causal_lm", "classification")
 POSITION_OFFSET = 2
 LAYER_NORM_EPS = 1e-5
+
+layer_of, component_of = family.block_paths("decoder/layers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,30 +61,22 @@ class OPTConfig:
         return self.word_embed_proj_dim or self.hidden_size
 
     @property
+    def initializer_range(self) -> float:
+        """The init std under the name the shared layer constructors read (`init_std` in HF)."""
+        return self.init_std
+
+    @property
+    def layer_norm_eps(self) -> float:
+        """LayerNorm epsilon: PyTorch's default, which OPT uses."""
+        return LAYER_NORM_EPS
+
+    @property
     def has_final_layer_norm(self) -> bool:
         """Whether the decoder ends with a LayerNorm (pre-LN models, as in HF)."""
         return self.do_layer_norm_before and not self._remove_final_layer_norm
 
 
 _NOT_HF = ("dtype", "param_dtype")
-
-
-def _common(config: OPTConfig, rngs: nnx.Rngs) -> dict:
-    """Keyword arguments shared by the embedding, attention, MLP and head constructors."""
-    return dict(
-        dtype=config.dtype, param_dtype=config.param_dtype, init_stddev=config.init_std, rngs=rngs
-    )
-
-
-def _layer_norm(config: OPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    """A LayerNorm over the hidden size (PyTorch's default epsilon, as OPT uses)."""
-    return layers.layer_norm(
-        config.hidden_size,
-        eps=LAYER_NORM_EPS,
-        dtype=config.dtype,
-        param_dtype=config.param_dtype,
-        rngs=rngs,
-    )
 
 
 def config_from_hf(hf: dict) -> OPTConfig:
@@ -121,21 +117,21 @@ class OPTDecoderLayer(nnx.Module):
 
     def __init__(self, config: OPTConfig, *, rngs: nnx.Rngs):
         self.pre_norm = config.do_layer_norm_before
-        self.self_attn_layer_norm = _layer_norm(config, rngs)
+        self.self_attn_layer_norm = layers.hidden_layer_norm(config, rngs)
         self.self_attn = layers.Attention(
             config.hidden_size,
             config.num_attention_heads,
             use_bias=config.enable_bias,
             dropout_rate=config.attention_dropout,
-            **_common(config, rngs),
+            **layers.layer_kwargs(config, rngs),
         )
-        self.final_layer_norm = _layer_norm(config, rngs)
+        self.final_layer_norm = layers.hidden_layer_norm(config, rngs)
         self.mlp = layers.Mlp(
             config.hidden_size,
             config.ffn_dim,
             activation_name=config.activation_function,
             use_bias=config.enable_bias,
-            **_common(config, rngs),
+            **layers.layer_kwargs(config, rngs),
         )
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
 
@@ -155,7 +151,7 @@ class OPTDecoder(nnx.Module):
     """Embeddings, blocks, final LayerNorm and projections: hidden states (B, L, embed_dim)."""
 
     def __init__(self, config: OPTConfig, *, rngs: nnx.Rngs):
-        init = _common(config, rngs)
+        init = layers.layer_kwargs(config, rngs)
         self.embed_tokens = layers.embed(config.vocab_size, config.embed_dim, **init)
         self.embed_positions = layers.embed(
             config.max_position_embeddings + POSITION_OFFSET, config.hidden_size, **init
@@ -175,7 +171,7 @@ class OPTDecoder(nnx.Module):
             [OPTDecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)]
         )
         self.final_layer_norm = (
-            _layer_norm(config, rngs) if config.has_final_layer_norm else None
+            layers.hidden_layer_norm(config, rngs) if config.has_final_layer_norm else None
         )
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
 
@@ -197,26 +193,13 @@ class OPTDecoder(nnx.Module):
         return x
 
 
-class OPTForCausalLM(nnx.Module):
+class OPTForCausalLM(layers.CausalLM):
     """OPT with its language-model head: next-token logits (B, L, vocab)."""
 
-    def __init__(self, config: OPTConfig, *, rngs: nnx.Rngs):
-        self.config = config
-        self.decoder = OPTDecoder(config, rngs=rngs)
-        self.lm_head = (
-            None
-            if config.tie_word_embeddings
-            else layers.linear(
-                config.embed_dim, config.vocab_size, use_bias=False, **_common(config, rngs)
-            )
-        )
+    backbone_name = "decoder"
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-        """Logits (B, L, vocab) for every position."""
-        hidden = self.decoder(input_ids, attention_mask)
-        if self.lm_head is None:
-            return self.decoder.embed_tokens.attend(hidden)
-        return self.lm_head(hidden)
+    def __init__(self, config: OPTConfig, *, rngs: nnx.Rngs):
+        super().__init__(config, OPTDecoder(config, rngs=rngs), rngs=rngs)
 
 
 def last_token_index(input_ids: jax.Array, pad_token_id: int | None) -> jax.Array:
@@ -235,7 +218,7 @@ class OPTForSequenceClassification(nnx.Module):
         self.num_labels = num_labels
         self.decoder = OPTDecoder(config, rngs=rngs)
         self.score = layers.linear(
-            config.embed_dim, num_labels, use_bias=False, **_common(config, rngs)
+            config.embed_dim, num_labels, use_bias=False, **layers.layer_kwargs(config, rngs)
         )
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
@@ -253,41 +236,38 @@ def build(
         return OPTForCausalLM(config, rngs=rngs)
     if task == "classification":
         return OPTForSequenceClassification(config, num_labels, rngs=rngs)
-    raise ValueError(
-        f"OPT task {task!r} is not supported; supported: None, 'causal_lm', 'classification'"
-    )
+    raise family.unknown_task("OPT", task, TASKS)
 
 
-def weight_specs(
-    config: OPTConfig, model: OPTForCausalLM | OPTForSequenceClassification
-) -> list[layers.WeightSpec]:
+def weight_specs(model: OPTForCausalLM | OPTForSequenceClassification) -> list[hf_names.WeightSpec]:
     """The HF <-> NNX map of every OPT tensor (`model.` prefix optional on load)."""
+    config = model.config
     bias = config.enable_bias
-    body = layers.embed_specs("decoder.embed_tokens", ("decoder", "embed_tokens"))
-    body += layers.embed_specs("decoder.embed_positions", ("decoder", "embed_positions"))
+    body = hf_names.embed_specs("decoder.embed_tokens", ("decoder", "embed_tokens"))
+    body += hf_names.embed_specs("decoder.embed_positions", ("decoder", "embed_positions"))
     if config.embed_dim != config.hidden_size:
         for projection in ("project_in", "project_out"):
-            body += layers.linear_specs(
+            body += hf_names.linear_specs(
                 f"decoder.{projection}", ("decoder", projection), bias=False
             )
     attention = {"q_proj": "query", "k_proj": "key", "v_proj": "value", "out_proj": "out"}
     for i in range(config.num_hidden_layers):
         hf, path = f"decoder.layers.{i}", ("decoder", "layers", i)
         for norm in ("self_attn_layer_norm", "final_layer_norm"):
-            body += layers.norm_specs(f"{hf}.{norm}", (*path, norm))
+            body += hf_names.norm_specs(f"{hf}.{norm}", (*path, norm))
         for hf_proj, proj in attention.items():
-            body += layers.linear_specs(
+            body += hf_names.linear_specs(
                 f"{hf}.self_attn.{hf_proj}", (*path, "self_attn", proj), bias=bias
             )
-        body += layers.linear_specs(f"{hf}.fc1", (*path, "mlp", "up"), bias=bias)
-        body += layers.linear_specs(f"{hf}.fc2", (*path, "mlp", "down"), bias=bias)
+        body += hf_names.linear_specs(f"{hf}.fc1", (*path, "mlp", "up"), bias=bias)
+        body += hf_names.linear_specs(f"{hf}.fc2", (*path, "mlp", "down"), bias=bias)
     if config.has_final_layer_norm:
-        body += layers.norm_specs("decoder.final_layer_norm", ("decoder", "final_layer_norm"))
-    specs = layers.with_prefix(body, "model.", accept_bare=True)
+        body += hf_names.norm_specs("decoder.final_layer_norm", ("decoder", "final_layer_norm"))
+    specs = hf_names.with_prefix(body, "model.", accept_bare=True)
     if isinstance(model, OPTForSequenceClassification):
-        specs += layers.linear_specs("score", ("score",), bias=False, optional=True)
+        specs += hf_names.linear_specs("score", ("score",), bias=False, optional=True)
     elif not config.tie_word_embeddings:
-        specs += layers.linear_specs("lm_head", ("lm_head",), bias=False)
+        specs += hf_names.linear_specs("lm_head", ("lm_head",), bias=False)
     return specs
 
 
@@ -298,11 +278,11 @@ def load_hf_tensors(
 
     A classification head (`score`) missing from the checkpoint keeps its random initialisation.
     """
-    layers.assign_hf_tensors(model, weight_specs(model.config, model), tensors, family="OPT")
+    hf_names.assign_hf_tensors(model, weight_specs(model), tensors, family="OPT")
 
 
 def export_hf_tensors(
     model: OPTForCausalLM | OPTForSequenceClassification,
 ) -> dict[str, np.ndarray]:
     """The HF OPT state dict of `model` (fp32 numpy, PyTorch `(out, in)` layouts)."""
-    return layers.collect_hf_tensors(model, weight_specs(model.config, model))
+    return hf_names.collect_hf_tensors(model, weight_specs(model))

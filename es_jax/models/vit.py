@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from es_jax.models import layers
+from es_jax.models import family, hf_names, layers
 
 MODEL_TYPES = ("vit",)
 
@@ -26,7 +26,11 @@ PRUNABLE = (
     r"(?:.*/)?encoder/layers/\d+/(?:attention/(?:query|key|value|out)|mlp/(?:up|down))/kernel"
 )
 
+SIGNATURE = r"(?:.*/)?embeddings/patch_embeddings/kernel"
+
 TASKS = ("classification",)
+
+layer_of, component_of = family.block_paths("encoder/layers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,27 +76,6 @@ def config_to_hf(config: ViTConfig) -> dict:
     return {"model_type": "vit", **hf}
 
 
-def _common(config: ViTConfig, rngs: nnx.Rngs) -> dict:
-    """Keyword arguments shared by every layer constructor."""
-    return dict(
-        dtype=config.dtype,
-        param_dtype=config.param_dtype,
-        init_stddev=config.initializer_range,
-        rngs=rngs,
-    )
-
-
-def _norm(config: ViTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    """A LayerNorm over the hidden size."""
-    return layers.layer_norm(
-        config.hidden_size,
-        eps=config.layer_norm_eps,
-        dtype=config.dtype,
-        param_dtype=config.param_dtype,
-        rngs=rngs,
-    )
-
-
 def patchify(pixel_values: jax.Array, patch_size: int) -> jax.Array:
     """(B, H, W, C) images -> (B, patches, patch_size * patch_size * C), patches row-major."""
     batch, height, width, channels = pixel_values.shape
@@ -109,7 +92,7 @@ class ViTEmbeddings(nnx.Module):
         self.config = config
         patch_features = config.patch_size**2 * config.num_channels
         self.patch_embeddings = layers.linear(
-            patch_features, config.hidden_size, **_common(config, rngs)
+            patch_features, config.hidden_size, **layers.layer_kwargs(config, rngs)
         )
         init = layers.normal_init(config.initializer_range)
         self.cls_token = nnx.Param(
@@ -140,8 +123,8 @@ class ViTLayer(nnx.Module):
     """One pre-LN encoder block: norm, attention, residual; norm, MLP, residual."""
 
     def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
-        common = _common(config, rngs)
-        self.attention_norm = _norm(config, rngs)
+        common = layers.layer_kwargs(config, rngs)
+        self.attention_norm = layers.hidden_layer_norm(config, rngs)
         self.attention = layers.Attention(
             config.hidden_size,
             config.num_attention_heads,
@@ -150,7 +133,7 @@ class ViTLayer(nnx.Module):
             dropout_rate=config.attention_probs_dropout_prob,
             **common,
         )
-        self.mlp_norm = _norm(config, rngs)
+        self.mlp_norm = layers.hidden_layer_norm(config, rngs)
         self.mlp = layers.Mlp(
             config.hidden_size,
             config.intermediate_size,
@@ -187,12 +170,8 @@ class ViTModel(nnx.Module):
         self.config = config
         self.embeddings = ViTEmbeddings(config, rngs=rngs)
         self.encoder = ViTEncoder(config, rngs=rngs)
-        self.norm = _norm(config, rngs)
-        self.pooler = (
-            layers.linear(config.hidden_size, config.hidden_size, **_common(config, rngs))
-            if add_pooling_layer
-            else None
-        )
+        self.norm = layers.hidden_layer_norm(config, rngs)
+        self.pooler = layers.pooler(config, rngs, enabled=add_pooling_layer)
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         """Encodes NHWC images."""
@@ -200,9 +179,7 @@ class ViTModel(nnx.Module):
 
     def pool(self, hidden: jax.Array) -> jax.Array:
         """The HF pooled output: tanh(dense(hidden state of [CLS]))."""
-        if self.pooler is None:
-            raise ValueError("This ViTModel was built without a pooler (add_pooling_layer=False).")
-        return jnp.tanh(self.pooler(hidden[:, 0]))
+        return layers.first_token_pool(self.pooler, hidden)
 
 
 class ViTForImageClassification(nnx.Module):
@@ -212,7 +189,9 @@ class ViTForImageClassification(nnx.Module):
         self.config = config
         self.num_labels = num_labels
         self.vit = ViTModel(config, add_pooling_layer=False, rngs=rngs)
-        self.classifier = layers.linear(config.hidden_size, num_labels, **_common(config, rngs))
+        self.classifier = layers.linear(
+            config.hidden_size, num_labels, **layers.layer_kwargs(config, rngs)
+        )
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         """Class logits (B, num_labels)."""
@@ -227,7 +206,7 @@ def build(
         return ViTModel(config, rngs=rngs)
     if task == "classification":
         return ViTForImageClassification(config, num_labels, rngs=rngs)
-    raise ValueError(f"ViT has no task {task!r}; choose None or one of {TASKS}.")
+    raise family.unknown_task("ViT", task, TASKS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,77 +224,73 @@ def _kernel_to_conv(kernel: np.ndarray, patch_size: int, channels: int) -> np.nd
     return np.ascontiguousarray(conv.transpose(3, 2, 0, 1))
 
 
-def _backbone_specs(config: ViTConfig, pooler: bool) -> list[layers.WeightSpec]:
+def _backbone_specs(config: ViTConfig, pooler: bool) -> list[hf_names.WeightSpec]:
     """Specs of a `ViTModel`, HF names without the `vit.` prefix."""
     to_hf = functools.partial(
         _kernel_to_conv, patch_size=config.patch_size, channels=config.num_channels
     )
     patch = "embeddings.patch_embeddings.projection"
     specs = [
-        layers.WeightSpec("embeddings.cls_token", ("embeddings", "cls_token")),
-        layers.WeightSpec("embeddings.position_embeddings", ("embeddings", "position_embeddings")),
-        layers.WeightSpec(
+        hf_names.WeightSpec("embeddings.cls_token", ("embeddings", "cls_token")),
+        hf_names.WeightSpec(
+            "embeddings.position_embeddings", ("embeddings", "position_embeddings")
+        ),
+        hf_names.WeightSpec(
             f"{patch}.weight", ("embeddings", "patch_embeddings", "kernel"), _conv_to_kernel, to_hf
         ),
-        layers.WeightSpec(f"{patch}.bias", ("embeddings", "patch_embeddings", "bias")),
+        hf_names.WeightSpec(f"{patch}.bias", ("embeddings", "patch_embeddings", "bias")),
     ]
     for i in range(config.num_hidden_layers):
         # Hub checkpoints use the transformers-4 names; transformers 5 renamed the modules.
         hf, v5, ours = f"encoder.layer.{i}", f"layers.{i}", ("encoder", "layers", i)
-        specs += layers.norm_specs(
+        specs += hf_names.norm_specs(
             f"{hf}.layernorm_before",
             (*ours, "attention_norm"),
             alias_prefixes=(f"{v5}.layernorm_before",),
         )
         for name, v5_name in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
-            specs += layers.linear_specs(
+            specs += hf_names.linear_specs(
                 f"{hf}.attention.attention.{name}",
                 (*ours, "attention", name),
                 bias=config.qkv_bias,
                 alias_prefixes=(f"{v5}.attention.{v5_name}",),
             )
-        specs += layers.linear_specs(
+        specs += hf_names.linear_specs(
             f"{hf}.attention.output.dense",
             (*ours, "attention", "out"),
             alias_prefixes=(f"{v5}.attention.o_proj",),
         )
-        specs += layers.norm_specs(
+        specs += hf_names.norm_specs(
             f"{hf}.layernorm_after", (*ours, "mlp_norm"), alias_prefixes=(f"{v5}.layernorm_after",)
         )
-        specs += layers.linear_specs(
+        specs += hf_names.linear_specs(
             f"{hf}.intermediate.dense", (*ours, "mlp", "up"), alias_prefixes=(f"{v5}.mlp.fc1",)
         )
-        specs += layers.linear_specs(
+        specs += hf_names.linear_specs(
             f"{hf}.output.dense", (*ours, "mlp", "down"), alias_prefixes=(f"{v5}.mlp.fc2",)
         )
-    specs += layers.norm_specs("layernorm", ("norm",))
+    specs += hf_names.norm_specs("layernorm", ("norm",))
     if pooler:
-        specs += layers.linear_specs("pooler.dense", ("pooler",), optional=True)
+        specs += hf_names.linear_specs("pooler.dense", ("pooler",), optional=True)
     return specs
 
 
-def weight_specs(model: nnx.Module) -> list[layers.WeightSpec]:
+def weight_specs(model: nnx.Module) -> list[hf_names.WeightSpec]:
     """The HF <-> NNX name map of any ViT model of this module."""
     if isinstance(model, ViTModel):
         specs = _backbone_specs(model.config, model.pooler is not None)
-        return [
-            dataclasses.replace(
-                s, aliases=(*s.aliases, *("vit." + n for n in (s.hf_name, *s.aliases)))
-            )
-            for s in specs
-        ]
+        return hf_names.accept_prefixed(specs, "vit.")
     if not isinstance(model, ViTForImageClassification):
         raise TypeError(f"{type(model).__name__} is not a ViT model of es_jax.models.vit")
-    backbone = layers.with_prefix(_backbone_specs(model.config, False), "vit.", accept_bare=True)
-    specs = [dataclasses.replace(spec, path=("vit", *spec.path)) for spec in backbone]
-    return specs + layers.linear_specs("classifier", ("classifier",), optional=True)
+    specs = hf_names.nested(_backbone_specs(model.config, False), "vit")
+    return specs + hf_names.linear_specs("classifier", ("classifier",), optional=True)
 
 
 def load_hf_tensors(model: nnx.Module, tensors: dict[str, np.ndarray]) -> None:
     """Fills `model` in place from a Hugging Face ViT state dict (validated before assigning)."""
-    layers.assign_hf_tensors(model, weight_specs(model), tensors, family="ViT")
+    hf_names.assign_hf_tensors(model, weight_specs(model), tensors, family="ViT")
 
 
 def export_hf_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
     """The Hugging Face state dict of `model` (loads into the matching transformers class)."""
-    return layers.collect_hf_tensors(model, weight_specs(model))
+    return hf_names.collect_hf_tensors(model, weight_specs(model))

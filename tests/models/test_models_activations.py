@@ -14,40 +14,21 @@ from flax import nnx
 from es_jax import models, pruning
 from es_jax.models import bert
 
-TINY = dict(
-    vocab_size=50,
-    hidden_size=16,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=24,
-    max_position_embeddings=16,
-)
-HF_MODULES = {
-    "attention/query": "attention.self.query",
-    "attention/key": "attention.self.key",
-    "attention/value": "attention.self.value",
-    "attention/out": "attention.output.dense",
-    "mlp/up": "intermediate.dense",
-    "mlp/down": "output.dense",
-}
-
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(tiny_bert):
     """A random tiny transformers BertModel, ours with the same weights, and two batches."""
     torch.manual_seed(0)
-    theirs = transformers.BertModel(transformers.BertConfig(**TINY)).eval()
+    theirs = transformers.BertModel(transformers.BertConfig(**tiny_bert)).eval()
     state = {k: v.numpy() for k, v in theirs.state_dict().items()}
     ours = models.from_hf(theirs.config.to_dict(), state)
     rng = np.random.default_rng(0)
-    batches = [
-        {"input_ids": rng.integers(1, 50, size=(2, 8)), "attention_mask": np.ones((2, 8), int)}
-        for _ in range(2)
-    ]
+    ids = [rng.integers(1, tiny_bert["vocab_size"], size=(2, 8)) for _ in range(2)]
+    batches = [{"input_ids": batch, "attention_mask": np.ones((2, 8), int)} for batch in ids]
     return theirs, ours, batches
 
 
-def _numpy_norms(theirs, batches):
+def _numpy_norms(theirs, batches, hf_modules):
     """{our kernel path: sqrt(sum over tokens of x^2)} from the inputs PyTorch's layers receive."""
     sums = {}
 
@@ -59,8 +40,8 @@ def _numpy_norms(theirs, batches):
         return record
 
     handles = []
-    for i in range(TINY["num_hidden_layers"]):
-        for ours, hf in HF_MODULES.items():
+    for i in range(theirs.config.num_hidden_layers):
+        for ours, hf in hf_modules.items():
             module = theirs.get_submodule(f"encoder.layer.{i}.{hf}")
             handles.append(module.register_forward_hook(hook(f"encoder/layers/{i}/{ours}/kernel")))
     with torch.no_grad():
@@ -71,12 +52,12 @@ def _numpy_norms(theirs, batches):
     return {path: np.sqrt(total) for path, total in sums.items()}
 
 
-def test_norms_match_a_numpy_computation_on_pytorch_inputs(tiny):
+def test_norms_match_a_numpy_computation_on_pytorch_inputs(tiny, bert_hf_modules):
     theirs, ours, batches = tiny
     got = models.activation_norms(ours, batches)
-    expected = _numpy_norms(theirs, batches)
+    expected = _numpy_norms(theirs, batches, bert_hf_modules)
     assert sorted(got) == sorted(expected)
-    assert len(got) == 6 * TINY["num_hidden_layers"]
+    assert len(got) == 6 * theirs.config.num_hidden_layers
     for path, norms in got.items():
         np.testing.assert_allclose(np.asarray(norms), expected[path], rtol=1e-4, err_msg=path)
 
@@ -91,14 +72,14 @@ def test_keys_are_the_prunable_parameter_paths_and_feed_wanda(tiny):
     np.testing.assert_allclose(
         score_by_path[query], np.abs(kernel) * np.asarray(norms[query])[:, None], rtol=1e-6
     )
-    assert norms[query].shape == (TINY["hidden_size"],)
+    assert norms[query].shape == (ours.config.hidden_size,)
 
 
 def test_custom_selector_and_model_left_unchanged(tiny):
     _, ours, batches = tiny
     norms = models.activation_norms(ours, batches, where=r".*/mlp/down/kernel")
     assert sorted(norms) == [f"encoder/layers/{i}/mlp/down/kernel" for i in range(2)]
-    assert norms["encoder/layers/0/mlp/down/kernel"].shape == (TINY["intermediate_size"],)
+    assert norms["encoder/layers/0/mlp/down/kernel"].shape == (ours.config.intermediate_size,)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ours(jnp.asarray(batches[0]["input_ids"]))

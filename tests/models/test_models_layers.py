@@ -1,4 +1,4 @@
-"""Shared layers: parity with transformers' PyTorch building blocks, masks, RoPE, weight specs."""
+"""Shared layers: parity with transformers' PyTorch building blocks, masks, RoPE."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +8,7 @@ from flax import nnx
 from transformers import LlamaConfig
 from transformers.models.llama import modeling_llama
 
-from es_jax.models import layers
+from es_jax.models import hf_names, layers
 
 TOL = 1e-5
 
@@ -36,9 +36,11 @@ def _llama_attention_pair(num_heads: int, num_kv_heads: int):
         rngs=nnx.Rngs(0),
     )
     names = {"q_proj": "query", "k_proj": "key", "v_proj": "value", "o_proj": "out"}
-    specs = [s for hf, ours in names.items() for s in layers.linear_specs(hf, (ours,), bias=False)]
+    specs = [
+        s for hf, ours in names.items() for s in hf_names.linear_specs(hf, (ours,), bias=False)
+    ]
     state = {k: v.numpy() for k, v in theirs.state_dict().items()}
-    layers.assign_hf_tensors(ours, specs, state, family="test")
+    hf_names.assign_hf_tensors(ours, specs, state, family="test")
     return config, theirs, ours
 
 
@@ -132,7 +134,7 @@ def test_mlp_gelu_matches_torch(name, approximate):
 
 
 def test_gated_mlp_is_swiglu():
-    mlp = layers.GatedMlp(8, 16, rngs=nnx.Rngs(0))
+    mlp = layers.Mlp(8, 16, activation_name="silu", gated=True, use_bias=False, rngs=nnx.Rngs(0))
     x = np.random.default_rng(5).normal(size=(2, 8)).astype(np.float32)
     gate = x @ np.asarray(mlp.gate.kernel[...])
     up = x @ np.asarray(mlp.up.kernel[...])
@@ -169,45 +171,6 @@ def test_text_embeddings_sum_word_position_and_type():
     expected = words[[3, 4, 5]] + positions[[2, 3, 4]] + kinds[[0, 1, 1]]
     got = embeddings(ids, token_type_ids=types)
     np.testing.assert_allclose(np.asarray(got)[0], expected, atol=1e-6)
-
-
-def test_assign_refuses_a_shape_mismatch_and_assigns_nothing():
-    module = layers.Mlp(4, 8, rngs=nnx.Rngs(0))
-    specs = layers.linear_specs("fc1", ("up",)) + layers.linear_specs("fc2", ("down",))
-    before = np.asarray(module.up.kernel[...]).copy()
-    tensors = {
-        "fc1.weight": np.ones((8, 4), np.float32),
-        "fc1.bias": np.ones((8,), np.float32),
-        "fc2.weight": np.ones((4, 9), np.float32),
-        "fc2.bias": np.ones((4,), np.float32),
-    }
-    with pytest.raises(ValueError, match=r"fc2\.weight.*\(4, 9\).*\(4, 8\)"):
-        layers.assign_hf_tensors(module, specs, tensors, family="test")
-    np.testing.assert_array_equal(np.asarray(module.up.kernel[...]), before)
-
-
-def test_assign_names_missing_keys_and_skips_optional_ones():
-    module = layers.Mlp(4, 8, rngs=nnx.Rngs(0))
-    specs = layers.linear_specs("fc1", ("up",)) + layers.linear_specs(
-        "fc2", ("down",), optional=True
-    )
-    with pytest.raises(ValueError, match=r"fc1\.bias"):
-        layers.assign_hf_tensors(
-            module, specs, {"fc1.weight": np.ones((8, 4), np.float32)}, family="test"
-        )
-    tensors = {"fc1.weight": np.full((8, 4), 2.0, np.float32), "fc1.bias": np.zeros(8, np.float32)}
-    layers.assign_hf_tensors(module, specs, tensors, family="test")
-    np.testing.assert_array_equal(np.asarray(module.up.kernel[...]), np.full((4, 8), 2.0))
-
-
-def test_collect_inverts_assign():
-    module = layers.Mlp(4, 8, rngs=nnx.Rngs(3))
-    specs = layers.linear_specs("fc1", ("up",))
-    exported = layers.collect_hf_tensors(module, specs)
-    assert exported["fc1.weight"].shape == (8, 4)
-    clone = layers.Mlp(4, 8, rngs=nnx.Rngs(4))
-    layers.assign_hf_tensors(clone, specs, exported, family="test")
-    np.testing.assert_array_equal(clone.up.kernel[...], module.up.kernel[...])
 
 
 def test_keep_mask_accepts_key_query_and_head_shapes_and_refuses_others():
