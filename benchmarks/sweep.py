@@ -1,6 +1,6 @@
 """The default MiniLM sweep in es_jax against the same sweep in PyTorch, in one run.
 
-es_jax: `es_jax.evaluate.sweep.run` on MiniLM (Lee, WordSim-353, SimLex-999; global magnitude
+es_jax: `es_jax.commands.sweep.run` on MiniLM (Lee, WordSim-353, SimLex-999; global magnitude
 pruning at 0.0..0.9): one selection gives the ten nested masks, and each jitted evaluator is
 compiled once for all levels. PyTorch: transformers' `BertModel` on the same checkpoint and the
 same tokenised batches; at every level a fresh copy of the pre-trained weights is pruned with
@@ -37,7 +37,7 @@ TORCH_TARGETS = (
 
 def jax_config(grid: tuple[float, ...]) -> ml_collections.ConfigDict:
     """The default config, MiniLM only, global magnitude pruning."""
-    from es_jax.evaluate import sweep_config
+    from es_jax.commands import sweep_config
 
     config = sweep_config.default_config()
     config.grid = grid
@@ -50,7 +50,7 @@ def jax_config(grid: tuple[float, ...]) -> ml_collections.ConfigDict:
 
 def run_jax(grid: tuple[float, ...]) -> tuple[float, dict, dict]:
     """Seconds, {task: [values per level]} and compilations of the es_jax sweep."""
-    from es_jax.evaluate import sweep
+    from es_jax.commands import sweep
 
     with tempfile.TemporaryDirectory() as workdir:
         start = time.perf_counter()

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from es_jax.mesh import make_mesh
 from es_jax.train import checkpointing, pretrain
 
 VOCAB = 8000
@@ -84,7 +85,7 @@ def batch_of(config: ml_collections.ConfigDict) -> np.ndarray:
 
 def jax_step_seconds(config: ml_collections.ConfigDict, repeats: int) -> float:
     """Seconds per es_jax train step (jitted, one device)."""
-    mesh = pretrain.make_mesh()
+    mesh = make_mesh()
     optimizer = pretrain.make_optimizer(config)
     graphdef, _, shardings, rest = pretrain.initial_layout(config, VOCAB, optimizer, mesh)
     state = jax.jit(
@@ -154,8 +155,9 @@ def matmul_flops_per_second(size: int = 2048, repeats: int = 5) -> float:
 MEMORY_CHILD = """
 import json, resource, sys
 from es_jax.analysis import emergence
-emergence.analyse_run(sys.argv[1], thresholds=(1e-3,), relative_thresholds=(0.1,),
-                      sparsities=(0.5,))
+from es_jax.train import checkpointing
+emergence.analyse_run(checkpointing.open_run(sys.argv[1]), thresholds=(1e-3,),
+                      relative_thresholds=(0.1,), sparsities=(0.5,))
 print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 

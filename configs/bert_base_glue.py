@@ -9,7 +9,7 @@ two training steps: `--config configs/bert_base_glue.py:tiny`.
 
 import ml_collections
 
-from es_jax.evaluate import sweep_config
+from es_jax.commands import sweep_config
 
 GLUE = ("glue/mnli", "glue/qnli", "glue/qqp", "glue/sst2", "glue/rte")
 

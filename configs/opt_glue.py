@@ -10,7 +10,7 @@ accelerator. Smoke run: `--config configs/opt_glue.py:tiny`.
 
 import ml_collections
 
-from es_jax.evaluate import sweep_config
+from es_jax.commands import sweep_config
 
 GLUE = ("glue/mnli", "glue/qnli", "glue/qqp", "glue/sst2", "glue/rte")
 N_OF_M_TASKS = ("glue/mnli", "glue/qnli", "glue/rte", "glue/sst2")

@@ -9,7 +9,7 @@ accelerator with about 30 GB of memory. Smoke run: `--config configs/vicuna_perp
 
 import ml_collections
 
-from es_jax.evaluate import sweep_config
+from es_jax.commands import sweep_config
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:

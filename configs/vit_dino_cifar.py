@@ -9,7 +9,7 @@ catalogue data and an accelerator. Smoke run: `--config configs/vit_dino_cifar.p
 
 import ml_collections
 
-from es_jax.evaluate import sweep_config
+from es_jax.commands import sweep_config
 
 CIFAR = ("cifar10", "cifar100")
 

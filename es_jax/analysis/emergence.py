@@ -8,6 +8,9 @@ and below multiples of each matrix's std; per-layer and per-component breakdowns
 at a few sparsities with their overlap (IoU, cosine, chance) with the previous and the final
 checkpoint's masks. It then locates the abrupt transition of each near-zero curve and writes
 `emergence.json` (a list `steps`) and PNG plots.
+
+The analysis reads checkpoints through readers it is handed (`Checkpoints`: a run's directory,
+steps, config and a params reader); `es_jax.train.checkpointing.find_runs` and `open_run` make them.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import re
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import numpy as np
@@ -28,90 +31,39 @@ THRESHOLDS = (1e-4, 1e-3, 1e-2)
 RELATIVE_THRESHOLDS = (0.01, 0.05, 0.1)
 SPARSITIES = (0.2, 0.5, 0.8)
 RESULTS_FILE = "emergence.json"
-CHECKPOINT_DIR = "checkpoints"  # the sub-directory `es-jax pretrain` writes its checkpoints to
-_LAYER = re.compile(r"(?:^|/)layers/(\d+)/")
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_dir(run_dir: Path) -> Path:
-    """Where a pre-training run (`es-jax pretrain`) keeps its checkpoints."""
-    return Path(run_dir) / CHECKPOINT_DIR
+class Checkpoints(Protocol):
+    """One run's checkpoints as the analysis reads them (`checkpointing.open_run` gives one)."""
+
+    @property
+    def directory(self) -> Path:
+        """The run's directory: its emergence.json is written there."""
+
+    @property
+    def steps(self) -> Sequence[int]:
+        """The saved steps, ascending (at least one)."""
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The run's stored config ({} if none), for its label."""
+
+    def read_params(self, step: int) -> Any:
+        """The parameters saved at `step`, as host arrays."""
 
 
-def find_runs(workdir: str | Path) -> list[Path]:
-    """The run directories under `workdir`: itself if it holds checkpoints, else its children."""
-    workdir = Path(workdir)
-    if checkpoint_dir(workdir).is_dir():
-        return [workdir]
-    children = sorted(workdir.iterdir(), key=lambda p: _natural(p.name)) if workdir.is_dir() else []
-    runs = [p for p in children if checkpoint_dir(p).is_dir()]
-    if not runs:
-        raise ValueError(
-            f"{workdir} holds no checkpoints/ directory, nor do its sub-directories; point "
-            "--workdir at a pre-training run (or at a folder of runs)."
-        )
-    return runs
-
-
-def open_run(run_dir: Path):
-    """A read-only Orbax manager over a run's checkpoints."""
-    from es_jax.train import checkpointing
-
-    return checkpointing.open_reader(checkpoint_dir(run_dir))
-
-
-def read_params(manager, step: int) -> dict[str, Any]:
-    """One checkpoint's parameters (only), as host numpy arrays."""
-    import orbax.checkpoint as ocp
-
-    tree = manager.item_metadata(step)["state"]
-    params_tree = {"params": (tree.tree if hasattr(tree, "tree") else tree)["params"]}
-    restore_args = {"params": _numpy_restore_args(params_tree["params"])}
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                item=params_tree, restore_args=restore_args, partial_restore=True
-            )
-        ),
-    )
-    return restored["state"]["params"]
-
-
-def _numpy_restore_args(tree: Any) -> Any:
-    """Restore arguments that read every array of `tree` into host memory."""
-    import orbax.checkpoint as ocp
-
-    return jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-
-
-def run_label(run_dir: Path) -> str:
+def run_label(run_dir: Path, config: dict[str, Any]) -> str:
     """A run's name for plots: its data volume when its config says, else its directory name."""
-    config_file = Path(run_dir) / "config.json"
-    if config_file.exists():
-        fraction = json.loads(config_file.read_text()).get("data", {}).get("fraction")
-        if fraction is not None:
-            return f"{Path(run_dir).name} (data {float(fraction):.0%})"
+    fraction = config.get("data", {}).get("fraction")
+    if fraction is not None:
+        return f"{Path(run_dir).name} (data {float(fraction):.0%})"
     return Path(run_dir).name
 
 
 # ----------------------------------------------------------------------------- per step
-
-
-def component_of(path: str) -> str:
-    """The component a matrix belongs to, from its path: `.../layers/3/attention/query/kernel`
-    gives `attention/query`; a path without a layer index is its own component."""
-    match = _LAYER.search(path)
-    rest = path[match.end():] if match else path
-    return rest.removesuffix("/kernel")
-
-
-def layer_of(path: str) -> str:
-    """The layer index in a path (as a string), or "other"."""
-    match = _LAYER.search(path)
-    return match.group(1) if match else "other"
 
 
 def grouped(per_leaf: dict[str, list[float]], sizes: dict[str, int],
@@ -180,9 +132,10 @@ def overlaps(masks: list[Any], references: list[Any]) -> list[dict[str, float]]:
     ]
 
 
-def step_record(step: int, figures: dict[str, Any], sizes: dict[str, int],
+def step_record(step: int, figures: dict[str, Any], sizes: dict[str, int], family: Any,
                 sparsities: Sequence[float], previous: list | None, final: list) -> dict[str, Any]:
-    """One checkpoint's JSON record from its figures, with per-component and per-layer totals."""
+    """One checkpoint's JSON record from its figures, with per-component and per-layer totals
+    (what a path's component and layer are, the model's family says)."""
 
     def breakdown(group: Callable[[str], str]) -> dict[str, dict[str, list[float]]]:
         parts = {kind: grouped(figures[kind]["leaves"], sizes, group)
@@ -194,14 +147,20 @@ def step_record(step: int, figures: dict[str, Any], sizes: dict[str, int],
         "step": step,
         **{kind: {"target": figures[kind]["target"], "model": figures[kind]["model"]}
            for kind in ("exact_zeros", "near_zero", "near_zero_relative")},
-        "components": breakdown(component_of),
-        "layers": breakdown(layer_of),
+        "components": breakdown(family.component_of),
+        "layers": breakdown(partial(layer_name, family)),
         "masks": [
             {"sparsity": sparsity, "previous": None if previous is None else previous[i],
              "final": final[i]}
             for i, sparsity in enumerate(sparsities)
         ],
     }
+
+
+def layer_name(family: Any, path: str) -> str:
+    """The block index of a path as a string ("11"), or "other" outside the blocks."""
+    layer = family.layer_of(path)
+    return "other" if layer is None else str(layer)
 
 
 def _to_python(tree: Any) -> Any:
@@ -272,22 +231,23 @@ def settings(where: str, thresholds: Sequence[float], relative_thresholds: Seque
 
 
 def analyse_run(
-    run_dir: str | Path,
+    run: Checkpoints,
     where: str | None = None,
     thresholds: Sequence[float] = THRESHOLDS,
     relative_thresholds: Sequence[float] = RELATIVE_THRESHOLDS,
     sparsities: Sequence[float] = SPARSITIES,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Figures for every checkpoint of one run; reuses its emergence.json if nothing changed."""
-    from es_jax.models import bert
+    """Figures for every checkpoint of one run; reuses its emergence.json if nothing changed.
 
-    run_dir = Path(run_dir)
-    where = bert.PRUNABLE if where is None else where
-    manager = open_run(run_dir)
-    steps = sorted(manager.all_steps())
-    if not steps:
-        raise ValueError(f"{checkpoint_dir(run_dir)} holds no complete checkpoint yet.")
+    The model family is recognised from the parameters' paths; `where` defaults to its target set.
+    """
+    from es_jax import models
+
+    run_dir, steps = Path(run.directory), list(run.steps)
+    last = run.read_params(steps[-1])
+    family = models.family_of_paths(pruning.leaf_paths(last))
+    where = family.PRUNABLE if where is None else where
     wanted = settings(where, thresholds, relative_thresholds, sparsities)
     cached = _cached(run_dir, steps, wanted)
     if cached is not None:
@@ -295,22 +255,21 @@ def analyse_run(
     masks_of = jax.jit(partial(omp_masks, where=where, sparsities=sparsities))
     figures_of = jax.jit(partial(weight_figures, where=where, thresholds=thresholds,
                                  relative_thresholds=relative_thresholds))
-    last = read_params(manager, steps[-1])
     final_masks = jax.device_get(masks_of(last))
     sizes = target_sizes(last, where)
     del last
     records, previous_masks = [], None
     for step in _maybe_progress(steps, progress, run_dir.name):
-        params = read_params(manager, step)
+        params = run.read_params(step)
         masks = jax.device_get(masks_of(params))
         figures = _to_python(figures_of(params))
         previous = None if previous_masks is None else overlaps(masks, previous_masks)
-        records.append(step_record(step, figures, sizes, sparsities, previous,
+        records.append(step_record(step, figures, sizes, family, sparsities, previous,
                                    overlaps(masks, final_masks)))
         previous_masks, params = masks, None
     result = {
         "run": str(run_dir),
-        "label": run_label(run_dir),
+        "label": run_label(run_dir, run.config),
         "settings": wanted,
         "steps": records,
         "transitions": transitions(records, thresholds, relative_thresholds),
@@ -359,6 +318,7 @@ def compare_runs(results: list[dict[str, Any]], headline: str) -> list[dict[str,
 
 def emergence(
     workdir: str | Path,
+    runs: Sequence[Checkpoints],
     where: str | None = None,
     thresholds: Sequence[float] = THRESHOLDS,
     relative_thresholds: Sequence[float] = RELATIVE_THRESHOLDS,
@@ -367,9 +327,8 @@ def emergence(
     plots: bool = True,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Analyses one run or a folder of runs, writes emergence.json and plots into `workdir`."""
+    """Analyses `runs` (workdir's own, or its sub-directories'); writes emergence.json and plots."""
     workdir = Path(workdir)
-    runs = find_runs(workdir)
     results = [
         analyse_run(run, where, thresholds, relative_thresholds, sparsities, progress)
         for run in runs
@@ -379,7 +338,8 @@ def emergence(
         raise ValueError(
             f"headline {headline!r} is none of the curves {sorted(results[0]['transitions'])}."
         )
-    report = results[0] if runs == [workdir] else {"runs": results}
+    single = [Path(run.directory) for run in runs] == [workdir]
+    report = results[0] if single else {"runs": results}
     report = {**report, "headline": headline, "comparison": compare_runs(results, headline)}
     (workdir / RESULTS_FILE).write_text(json.dumps(report, indent=1))
     if plots:
@@ -387,41 +347,3 @@ def emergence(
 
         emergence_plots.plot_all(results, headline, workdir)
     return report
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def main(argv: list[str]) -> None:
-    """`es-jax emergence --workdir DIR [--where REGEX] [--thresholds ...] [--sparsities ...]`."""
-    from absl import flags
-
-    flag_values = flags.FlagValues()
-    flags.DEFINE_string("workdir", None, "A run directory, or a folder of runs.",
-                        flag_values=flag_values)
-    flags.DEFINE_string("where", None, "Target-set regex (default: BERT's PRUNABLE).",
-                        flag_values=flag_values)
-    flags.DEFINE_list("thresholds", [f"{t:g}" for t in THRESHOLDS], "Absolute |w| thresholds.",
-                      flag_values=flag_values)
-    flags.DEFINE_list("relative_thresholds", [f"{t:g}" for t in RELATIVE_THRESHOLDS],
-                      "Thresholds as multiples of each matrix's std.", flag_values=flag_values)
-    flags.DEFINE_list("sparsities", [f"{s:g}" for s in SPARSITIES], "OMP mask sparsities.",
-                      flag_values=flag_values)
-    flags.DEFINE_string("headline", None, "Curve for the comparison, e.g. near_zero@0.001.",
-                        flag_values=flag_values)
-    if any(arg in ("-h", "--help") for arg in argv):
-        print(main.__doc__)
-        return
-    flag_values(["es-jax emergence", *argv])
-    if flag_values.workdir is None:
-        raise ValueError("es-jax emergence needs --workdir DIR.")
-    report = emergence(
-        flag_values.workdir,
-        where=flag_values.where,
-        thresholds=[float(t) for t in flag_values.thresholds],
-        relative_thresholds=[float(t) for t in flag_values.relative_thresholds],
-        sparsities=[float(s) for s in flag_values.sparsities],
-        headline=flag_values.headline,
-        progress=True,
-    )
-    print(json.dumps(report["comparison"], indent=1))

@@ -1,16 +1,17 @@
 """Sweep figures: drop against sparsity per task, per-layer sparsity, and where pruned weights sit.
 
-All functions take plain data (the `runs` of a results.json, `{path: value}` dicts, numpy masks),
-write one PNG and return its path. matplotlib runs headless (Agg).
+All functions take plain data (the `runs` of a results.json, `{path: value}` dicts, numpy masks,
+a training log's path, or a parameter pytree and its mask), write PNGs and return their paths.
+matplotlib runs headless (Agg).
 """
 
 from __future__ import annotations
 
+import json
 import math
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -18,7 +19,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-LAYER_INDEX = re.compile(r"/(\d+)/")
+if TYPE_CHECKING:
+    from es_jax.models import Family
+
 
 
 def _grid(count: int, columns: int) -> tuple[int, int]:
@@ -65,23 +68,12 @@ def plot_drops(runs: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     return _save(figure, path)
 
 
-def layer_of(path: str) -> int | None:
-    """The first integer component of a '/'-joined parameter path (its block index)."""
-    match = LAYER_INDEX.search(path)
-    return int(match.group(1)) if match else None
-
-
-def component_of(path: str) -> str:
-    """A parameter path without its block prefix and trailing `/kernel`: the component's name."""
-    match = LAYER_INDEX.search(path)
-    tail = path[match.end() :] if match else path
-    return re.sub(r"/(kernel|weight|value)$", "", tail)
-
-
 def plot_layer_sparsity(
-    leaf_sparsity: Mapping[str, float], path: str | Path, title: str = ""
+    leaf_sparsity: Mapping[str, float], family: Family, path: str | Path, title: str = ""
 ) -> Path:
-    """Bars of each target matrix's sparsity, grouped by block and coloured by component."""
+    """Bars of each target matrix's sparsity, grouped by block and coloured by component (the
+    model's family reads a path's block and component)."""
+    layer_of, component_of = family.layer_of, family.component_of
     components = sorted({component_of(p) for p in leaf_sparsity})
     colours = plt.get_cmap("tab10")
     figure, ax = plt.subplots(figsize=(max(6.0, 0.12 * len(leaf_sparsity) + 2), 3.8))
@@ -100,6 +92,31 @@ def plot_layer_sparsity(
     return _save(figure, path)
 
 
+def plot_mask(
+    params: Any, mask: Any, family: Family, directory: Path, name: str, title: str
+) -> list[Path]:
+    """`layers_NAME.png` (each target matrix's sparsity) and `components_NAME.png` (the paper's
+    Figure 1 view) of one mask over the parameters of a model of `family`, its target set."""
+    import jax
+
+    from es_jax import pruning
+
+    report = pruning.report(pruning.apply(params, mask), where=family.PRUNABLE)
+    leaf_sparsity = {
+        path: float(leaf["sparsity"]) for path, leaf in report["leaves"].items() if leaf["target"]
+    }
+    component_masks = {
+        path: np.asarray(leaf)
+        for path, leaf in zip(pruning.leaf_paths(mask), jax.tree.leaves(mask), strict=True)
+    }
+    return [
+        plot_layer_sparsity(leaf_sparsity, family, directory / f"layers_{name}.png", title),
+        plot_component_masks(
+            component_masks, family, directory / f"components_{name}.png", title
+        ),
+    ]
+
+
 def pruned_density(mask: np.ndarray, max_pixels: int = 192) -> np.ndarray:
     """Fraction of pruned weights in blocks of a 2-D keep-mask, at most `max_pixels` a side."""
     pruned = ~np.asarray(mask, dtype=bool)
@@ -114,7 +131,11 @@ def pruned_density(mask: np.ndarray, max_pixels: int = 192) -> np.ndarray:
 
 
 def plot_component_masks(
-    masks: Mapping[str, np.ndarray], path: str | Path, title: str = "", max_layers: int = 6
+    masks: Mapping[str, np.ndarray],
+    family: Family,
+    path: str | Path,
+    title: str = "",
+    max_layers: int = 6,
 ) -> Path:
     """The paper's Figure 1 view: each component's keep-mask, pruned weights bright.
 
@@ -122,6 +143,7 @@ def plot_component_masks(
     FFN ...); each panel is the (in, out) matrix, pruned weights yellow, with block averaging for
     large matrices. Panel titles give the component's pruned percentage.
     """
+    layer_of, component_of = family.layer_of, family.component_of
     layers = sorted({layer_of(p) for p in masks if layer_of(p) is not None})
     if len(layers) > max_layers:
         picks = np.linspace(0, len(layers) - 1, max_layers).round().astype(int)
@@ -151,6 +173,32 @@ def plot_component_masks(
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     return _save(figure, path)
+
+
+def plot_training_loss(log_path: str | Path, path: str | Path, title: str = "") -> Path | None:
+    """The training loss against step, from a run's `train_log.jsonl`; None if nothing is logged.
+
+    A step logged twice (a run resumed from before it) is drawn with its last record.
+    """
+    records = training_records(log_path)
+    if not records:
+        return None
+    figure, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], marker=".")
+    ax.set_xlabel("step")
+    ax.set_ylabel("MLM loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def training_records(log_path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines training log by step, the last of each step; [] if absent."""
+    log_path = Path(log_path)
+    lines = log_path.read_text().splitlines() if log_path.exists() else []
+    by_step = {record["step"]: record for record in map(json.loads, filter(None, lines))}
+    return [by_step[step] for step in sorted(by_step)]
 
 
 def _save(figure: plt.Figure, path: str | Path) -> Path:

@@ -1,38 +1,41 @@
-"""`es-jax sweep`: prune a pre-trained model in one shot at a grid of sparsities and evaluate each.
+"""`es-jax sweep`: prune pre-trained models in one shot at a grid of sparsities and evaluate each.
 
-For every model of the config: load it once, build one jitted evaluator per task (compiled once for
-all levels), evaluate dense, then for each scorer (magnitude, Wanda, random) compute the scores
-once and, for each pattern (global, layerwise, N:M), the nested masks of every level from that one
-selection; apply each mask and evaluate every task on the pruned parameters. Each finished level is
-written to `WORKDIR/results.json` atomically as soon as it is done, so a crash loses none and a
-re-run skips finished levels. At the end: essential sparsity and knee per run, a CSV, and plots.
+    es-jax sweep [--config FILE[:tiny]] --workdir DIR [--config.key=value ...]
 
-    es-jax sweep [--config FILE] [--config.key=value ...] [--workdir DIR]
-
-With no `--config` the embedded default (`default_config()`) runs offline on the bundled models.
-The config and its validation live in `es_jax.evaluate.sweep_config`, the results store, CSV
-and tables in `es_jax.evaluate.results`; this module loads models, scores and masks them, and
-runs the sweep.
+With no `--config` the embedded default (`sweep_config.default_config()`) runs offline on the
+bundled models. `run` asks the plan (`sweep_plan.plan`: the config and what results.json already
+holds -> the loads still to do) and executes it: for each load, the model is loaded once with one
+jitted evaluator per task (compiled once for all levels) and its dense values evaluated; then for
+each scorer (magnitude, Wanda, random) the scores are computed once and, for each pattern (global,
+layerwise, N:M), the nested masks of every level left come from one selection; each mask is
+applied and every task lacking that level evaluated. Each finished level is written to
+`WORKDIR/results.json` atomically, so a crash loses none and a re-run resumes from the plan. At
+the end: essential sparsity and knee per run, a CSV, a summary and plots.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
-import numpy as np
 from tqdm.auto import tqdm
 
-from es_jax.analysis import essential
-from es_jax.evaluate import tasks as task_registry
-from es_jax.evaluate.evaluators import Evaluator, split_params
-from es_jax.evaluate.results import (
+from es_jax.commands import command_line, sweep_plan
+from es_jax.commands.sweep_config import (
+    HEAD_TASK,
+    Pattern,
+    default_config,
+    finetune_config,
+    parse_pattern,
+    validate,
+)
+from es_jax.commands.sweep_results import (
     ResultsStore,
     finalise,
     fingerprint,
@@ -42,14 +45,56 @@ from es_jax.evaluate.results import (
     summary_table,
     write_csv,
 )
-from es_jax.evaluate.sweep_config import (
-    HEAD_TASK,
-    Pattern,
-    finetune_config,
-    parse_args,
-    parse_pattern,
-    validate,
-)
+from es_jax.evaluate import tasks as task_registry
+from es_jax.evaluate.evaluators import Evaluator, split_params
+
+SUMMARY = "One-shot pruning sweep: evaluate every level, find the essential sparsity, plot."
+DEFAULT_CONFIG = default_config
+
+
+def main(argv: Sequence[str]) -> None:
+    """`es-jax sweep`: parses the command line and runs the sweep."""
+    config, workdir = command_line.parse("sweep", argv, DEFAULT_CONFIG)
+    results = run(config, workdir)
+    print(summary_table(results["runs"]))
+    print(f"\nresults: {workdir / 'results.json'}, {workdir / 'results.csv'}, plots in {workdir}")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool = True) -> dict:
+    """Runs (or resumes) the sweep; writes results.json, results.csv and plots; returns results."""
+    validate(config)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    store = ResultsStore(workdir, config)
+    start = time.perf_counter()
+    loads = sweep_plan.plan(config, store.runs)
+    with tqdm(total=sweep_plan.evaluations(loads), disable=not progress, unit="eval") as bar:
+        for load in loads:
+            execute(load, config, store, bar, workdir)
+    finish(config, store, workdir)
+    results = json.loads(store.path.read_text())
+    results["seconds"] = time.perf_counter() - start
+    return results
+
+
+def finish(config: ml_collections.ConfigDict, store: ResultsStore, workdir: Path) -> None:
+    """Essential sparsity of every run of the config; results.json, CSV, summary and plots."""
+    from es_jax.analysis import plots
+
+    wanted = {
+        run_id(key, t, p, s)
+        for key, settings in config.models.items()
+        for t in settings.tasks
+        for p in settings.patterns
+        for s in settings.scorers
+    }
+    runs = [finalise(store.runs[rid], config.epsilon) for rid in store.runs if rid in wanted]
+    store.runs = {r["id"]: r for r in runs}
+    store.save()
+    write_csv(runs, workdir / "results.csv")
+    plots.plot_drops(runs, workdir / "drops.png")
+    (workdir / "summary.md").write_text(summary_table(runs) + "\n\n" + levels_table(runs) + "\n")
+
 
 # ----------------------------------------------------------------------------------------------
 # Models, scores and masks.
@@ -90,38 +135,29 @@ def load_model(
         family.config_from_hf(hf_config), task, rngs=nnx.Rngs(seed), num_labels=num_labels or 2
     )
     model.eval()
-    if family.__name__.endswith(".vit"):
+    if family is models.vit:  # images: no tokenizer
         return model, None
     tokenizer = hub.read_tokenizer(hub.resolve(settings.tokenizer, None))
     return model, tokenizer
 
 
-def calibration_batches(tokenizer: Any, config: Any, settings: Any) -> list[dict]:
-    """Wanda calibration inputs: blocks of Lee background news (not the evaluation text)."""
-    from es_jax import data
-
-    documents = data.documents("lee_background", config.data_dir or None)
-    blocks = task_registry.lm_blocks(
-        documents,
-        tokenizer,
-        settings.calibration_length,
-        settings.calibration_blocks,
-        settings.batch_size,
-    )
-    return [{k: b[k] for k in ("input_ids", "attention_mask")} for b in blocks]
-
-
-def scores_of(
-    scorer: str, model: Any, params: Any, where: str, tokenizer: Any, config: Any, settings: Any
-) -> Any:
+def scores_of(scorer: str, prepared: ModelRun, config: Any, settings: Any) -> Any:
     """Pruning scores of the target weights: |W|, Wanda's |W| * ||X||, or random."""
     from es_jax import models, pruning
 
+    params, where = prepared.params, prepared.where
     if scorer == "magnitude":
         return pruning.magnitude(params, where=where)
     if scorer == "random":
         return pruning.random_scores(params, jax.random.key(config.seed), where=where)
-    norms = models.activation_norms(model, calibration_batches(tokenizer, config, settings))
+    batches = task_registry.calibration_batches(
+        prepared.tokenizer,
+        config.data_dir,
+        settings.calibration_length,
+        settings.calibration_blocks,
+        settings.batch_size,
+    )
+    norms = models.activation_norms(prepared.model, batches)
     return pruning.wanda(params, norms, where=where)
 
 
@@ -134,13 +170,6 @@ def masks_of(scores: Any, pattern: Pattern, sparsities: Sequence[float]) -> list
     if pattern.is_n_of_m:
         return [pruning.n_of_m(scores, n=pattern.n, m=pattern.m)]
     return pruning.unstructured(scores, list(sparsities), scope=pattern.name)
-
-
-def pattern_levels(pattern: Pattern, grid: Sequence[float]) -> list[float]:
-    """The pruned levels of a pattern: the grid's non-zero sparsities, or 1 - N/M."""
-    if pattern.is_n_of_m:
-        return [round(1.0 - pattern.n / pattern.m, 6)]
-    return [s for s in grid if s > 0.0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,6 +255,182 @@ def prepare_finetune(key: str, settings: Any, config: Any, task_name: str) -> Mo
     return ModelRun(key, model, tokenizer, params, models.prunable(model), evaluators, value)
 
 
+# ----------------------------------------------------------------------------------------------
+# Executing one load of the plan.
+
+
+@dataclass
+class LoadContext:
+    """One load being executed: the prepared model, its dense values, where results go."""
+
+    prepared: ModelRun
+    config: ml_collections.ConfigDict
+    store: ResultsStore
+    bar: tqdm
+    stamp: str
+    dense: dict[str, float]
+    dense_sparsity: tuple[float, float]
+    apply: Callable[[Any, Any], Any]
+
+
+class MaskPlot(NamedTuple):
+    """The mask the per-layer and component plots show: first scorer, first unstructured
+    pattern (layerwise if none), the grid level nearest to `plot_sparsity`."""
+
+    scorer: str
+    pattern: Pattern
+    sparsity: float
+
+
+def execute(
+    load: sweep_plan.Load,
+    config: ml_collections.ConfigDict,
+    store: ResultsStore,
+    bar: tqdm,
+    workdir: Path,
+) -> None:
+    """Everything one load of the plan holds: dense values, then each curve's levels; the mask
+    plots on a model's first load; the evaluators' compilation counts."""
+    from es_jax import pruning
+
+    settings = config.models[load.model]
+    prepared = prepare(load.model, settings, config, load.tasks)
+    stamp = fingerprint(load.model, settings, config)
+    context = LoadContext(
+        prepared,
+        config,
+        store,
+        bar,
+        stamp,
+        dense_values(prepared, load, settings, store, stamp, bar),
+        measured(prepared.params, prepared.where),
+        jax.jit(pruning.apply),
+    )
+    plot = mask_plot(settings, config) if load.plots else None
+    for scorer in settings.scorers:
+        curves = [curve for curve in load.curves if curve.scorer == scorer]
+        if not curves and (plot is None or plot.scorer != scorer):
+            continue
+        bar.set_description(f"{load.model} {scorer} scores")
+        scores = scores_of(scorer, prepared, config, settings)
+        for curve in curves:
+            plot = execute_curve(context, curve, scores, plot, workdir)
+        if plot is not None and plot.scorer == scorer:
+            (mask,) = masks_of(scores, plot.pattern, [plot.sparsity])
+            plot_masks(prepared, mask, plot, workdir)
+            plot = None
+        del scores
+    for name, evaluator in prepared.evaluators.items():
+        store.compilations[f"{load.model}/{name}"] = evaluator.compilations()
+    store.save()
+
+
+def execute_curve(
+    context: LoadContext,
+    curve: sweep_plan.Curve,
+    scores: Any,
+    plot: MaskPlot | None,
+    workdir: Path,
+) -> MaskPlot | None:
+    """The curve's levels, then any the plan adds once they are stored (refinement levels).
+
+    Draws the mask plots if this curve evaluates the plotted level; returns the plot still to
+    draw (None once drawn).
+    """
+    pattern = parse_pattern(curve.pattern)
+    records = open_records(context, curve)
+    levels = curve.levels
+    while levels:
+        sparsities = [level.sparsity for level in levels]
+        masks = masks_of(scores, pattern, sparsities)
+        if plot_here(plot, curve.scorer, pattern, sparsities):
+            plot_masks(context.prepared, masks[sparsities.index(plot.sparsity)], plot, workdir)
+            plot = None
+        evaluate_levels(context, records, f"{curve.pattern}/{curve.scorer}", masks, levels)
+        del masks
+        levels = sweep_plan.missing_levels(context.config, records, pattern)
+        context.bar.total += sum(len(level.tasks) for level in levels)
+    return plot
+
+
+def plot_here(
+    plot: MaskPlot | None, scorer: str, pattern: Pattern, sparsities: Sequence[float]
+) -> bool:
+    """True when these masks include the one the plots show."""
+    return plot is not None and (plot.scorer, plot.pattern) == (scorer, pattern) and (
+        plot.sparsity in sparsities
+    )
+
+
+def dense_values(
+    prepared: ModelRun,
+    load: sweep_plan.Load,
+    settings: ml_collections.ConfigDict,
+    store: ResultsStore,
+    stamp: str,
+    bar: tqdm,
+) -> dict[str, float]:
+    """The dense metric of every task of the load: stored, or evaluated when the plan says."""
+    values = {}
+    for name in load.tasks:
+        if name in load.dense:
+            bar.set_description(f"{prepared.key}/{name} dense")
+            values[name] = prepared.value(name, prepared.params, None)
+            bar.update(1)
+        else:
+            values[name] = sweep_plan.stored_dense(store.runs, prepared.key, settings, name, stamp)
+    return values
+
+
+def open_records(context: LoadContext, curve: sweep_plan.Curve) -> dict[str, dict]:
+    """The run records of one curve for every task, with dense and level 0 filled."""
+    records = {}
+    for name, evaluator in context.prepared.evaluators.items():
+        record = context.store.run(
+            context.prepared.key, task_registry.get(name), curve.pattern, curve.scorer,
+            context.stamp,
+        )
+        record["dense"] = context.dense[name]
+        record["num_examples"] = evaluator.num_examples
+        if 0.0 in context.config.grid and level_of(record, 0.0) is None:
+            record["levels"].append(
+                level_record(0.0, context.dense_sparsity, context.dense[name])
+            )
+        records[name] = record
+    context.store.save()
+    return records
+
+
+def evaluate_levels(
+    context: LoadContext,
+    records: dict[str, dict],
+    label: str,
+    masks: Sequence[Any],
+    levels: Sequence[sweep_plan.Level],
+) -> None:
+    """Applies each mask and evaluates the tasks that lack its level; saves after every one."""
+    prepared = context.prepared
+    for level, mask in zip(levels, masks, strict=True):
+        pruned = context.apply(prepared.params, mask)
+        sparsity = measured(pruned, prepared.where)
+        for name in level.tasks:
+            context.bar.set_description(f"{prepared.key}/{name} {label} {level.sparsity:.2f}")
+            value = prepared.value(name, pruned, mask)
+            records[name]["levels"].append(level_record(level.sparsity, sparsity, value))
+            context.store.save()
+            context.bar.update(1)
+
+
+def level_record(sparsity: float, measured_sparsity: tuple[float, float], value: float) -> dict:
+    """One level of a run: the asked sparsity, the measured target and model sparsity, value."""
+    return {
+        "sparsity": sparsity,
+        "measured_sparsity": measured_sparsity[0],
+        "model_sparsity": measured_sparsity[1],
+        "value": value,
+    }
+
+
 def measured(params: Any, where: str) -> tuple[float, float]:
     """Sparsity of the target set and of the whole model."""
     from es_jax import pruning
@@ -234,297 +439,23 @@ def measured(params: Any, where: str) -> tuple[float, float]:
     return float(report["target"]["sparsity"]), float(report["model"]["sparsity"])
 
 
-def todo_count(store: ResultsStore, config: Any) -> int:
-    """Evaluations left on the grid: dense per (model, task) plus every unfinished level."""
-    total = 0
-    for key, settings in config.models.items():
-        stamp = fingerprint(key, settings, config)
-        total += len(settings.tasks)
-        for task_name in settings.tasks:
-            for scorer in settings.scorers:
-                for pattern_text in settings.patterns:
-                    record = store.runs.get(run_id(key, task_name, pattern_text, scorer))
-                    fresh = record is None or record.get("fingerprint") != stamp
-                    for sparsity in pattern_levels(parse_pattern(pattern_text), config.grid):
-                        total += fresh or level_of(record, sparsity) is None
-    return total
-
-
-def refinement_of(record: dict, pattern: Pattern, config: Any) -> list[float]:
-    """The refinement levels a run asks for, from its grid levels so far (none for N:M)."""
-    if not config.refine or pattern.is_n_of_m or record["dense"] is None:
-        return []
-    coarse = {
-        **record,
-        "levels": [dict(lv) for lv in record["levels"] if lv["sparsity"] in config.grid],
-    }
-    found = finalise(coarse, config.epsilon)["essential_sparsity"]
-    return essential.refinement_levels(config.grid, found, config.refine)
-
-
-def model_is_done(
-    store: ResultsStore,
-    key: str,
-    settings: Any,
-    config: Any,
-    task_names: Sequence[str] | None = None,
-) -> bool:
-    """True when every level (refinements included) of these tasks' runs is stored."""
-    stamp = fingerprint(key, settings, config)
-    for task_name in settings.tasks if task_names is None else task_names:
-        for scorer in settings.scorers:
-            for pattern_text in settings.patterns:
-                pattern = parse_pattern(pattern_text)
-                record = store.runs.get(run_id(key, task_name, pattern_text, scorer))
-                if record is None or record.get("fingerprint") != stamp or record["dense"] is None:
-                    return False
-                levels = pattern_levels(pattern, config.grid)
-                levels += refinement_of(record, pattern, config)
-                if any(level_of(record, s) is None for s in levels):
-                    return False
-    return True
-
-
-@dataclass
-class LevelContext:
-    """What evaluating levels of one (model, scorer, pattern) needs."""
-
-    prepared: ModelRun
-    records: dict[str, dict]
-    store: ResultsStore
-    bar: tqdm
-    apply: Any
-    label: str
-
-
-def evaluate_levels(context: LevelContext, masks: Sequence[Any], todo: dict[float, list]) -> None:
-    """Applies each mask and evaluates the listed tasks; saves after every level."""
-    prepared = context.prepared
-    for (sparsity, names), mask in zip(todo.items(), masks, strict=True):
-        pruned = context.apply(prepared.params, mask)
-        target_sparsity, model_sparsity = measured(pruned, prepared.where)
-        for name in names:
-            context.bar.set_description(f"{prepared.key}/{name} {context.label} {sparsity:.2f}")
-            context.records[name]["levels"].append(
-                {
-                    "sparsity": sparsity,
-                    "measured_sparsity": target_sparsity,
-                    "model_sparsity": model_sparsity,
-                    "value": prepared.value(name, pruned, mask),
-                }
-            )
-            context.store.save()
-            context.bar.update(1)
-
-
-def dense_values(
-    prepared: ModelRun, settings: Any, store: ResultsStore, stamp: str, bar: tqdm
-) -> dict[str, float]:
-    """The dense metric of every task (reused from any stored run with the same fingerprint)."""
-    values = {}
-    for name in prepared.evaluators:
-        cached = [
-            record["dense"]
-            for p in settings.patterns
-            for s in settings.scorers
-            if (record := store.runs.get(run_id(prepared.key, name, p, s)))
-            and record["fingerprint"] == stamp
-            and record["dense"] is not None
-        ]
-        bar.set_description(f"{prepared.key}/{name} dense")
-        values[name] = cached[0] if cached else prepared.value(name, prepared.params, None)
-        bar.update(1)
-    return values
-
-
-def open_records(
-    prepared: ModelRun,
-    store: ResultsStore,
-    pattern_text: str,
-    scorer: str,
-    stamp: str,
-    dense: dict[str, float],
-    dense_sparsity: tuple[float, float],
-    config: Any,
-) -> dict[str, dict]:
-    """The run records of one (scorer, pattern) for every task, with dense and level 0 filled."""
-    records = {}
-    for name, evaluator in prepared.evaluators.items():
-        record = store.run(prepared.key, task_registry.get(name), pattern_text, scorer, stamp)
-        record["dense"] = dense[name]
-        record["num_examples"] = evaluator.num_examples
-        if 0.0 in config.grid and level_of(record, 0.0) is None:
-            record["levels"].append(
-                {
-                    "sparsity": 0.0,
-                    "measured_sparsity": dense_sparsity[0],
-                    "model_sparsity": dense_sparsity[1],
-                    "value": dense[name],
-                }
-            )
-        records[name] = record
-    store.save()
-    return records
-
-
-def plot_level(config: Any) -> float:
-    """The grid level nearest to `plot_sparsity` (above 0), whose mask the mask plots show."""
-    levels = [s for s in config.grid if s > 0.0] or [config.plot_sparsity]
-    return min(levels, key=lambda s: abs(s - config.plot_sparsity))
-
-
-def sweep_model(
-    key: str, settings: Any, config: Any, store: ResultsStore, bar: tqdm, workdir: Path
-) -> None:
-    """All runs of one model: zero-shot tasks share one load; each fine-tune task has its own."""
-    zero_shot = task_registry.get(settings.tasks[0]).protocol == "zero_shot"
-    groups = [tuple(settings.tasks)] if zero_shot else [(task,) for task in settings.tasks]
-    for i, task_names in enumerate(groups):
-        if model_is_done(store, key, settings, config, task_names):
-            continue
-        prepared = prepare(key, settings, config, task_names)
-        sweep_prepared(prepared, settings, config, store, bar, workdir if i == 0 else None)
-
-
-def sweep_prepared(
-    prepared: ModelRun,
-    settings: Any,
-    config: Any,
-    store: ResultsStore,
-    bar: tqdm,
-    plot_dir: Path | None,
-) -> None:
-    """Dense, then every scorer x pattern x level of the prepared tasks; mask plots if asked."""
-    from es_jax import pruning
-
-    key = prepared.key
-    stamp = fingerprint(key, settings, config)
-    dense_sparsity = measured(prepared.params, prepared.where)
-    dense = dense_values(prepared, settings, store, stamp, bar)
-    apply = jax.jit(pruning.apply)
-    plot_scorer, plotted = settings.scorers[0], plot_dir is None
+def mask_plot(settings: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> MaskPlot:
+    """Which mask a model's plots show (see MaskPlot)."""
     unstructured = [p for p in map(parse_pattern, settings.patterns) if not p.is_n_of_m]
-    plot_pattern = unstructured[0] if unstructured else Pattern("layerwise")
-    for scorer in settings.scorers:
-        bar.set_description(f"{key} {scorer} scores")
-        scores = scores_of(
-            scorer,
-            prepared.model,
-            prepared.params,
-            prepared.where,
-            prepared.tokenizer,
-            config,
-            settings,
-        )
-        for pattern_text in settings.patterns:
-            pattern = parse_pattern(pattern_text)
-            records = open_records(
-                prepared, store, pattern_text, scorer, stamp, dense, dense_sparsity, config
-            )
-            context = LevelContext(prepared, records, store, bar, apply, f"{pattern_text}/{scorer}")
-            todo = missing_levels(records, pattern_levels(pattern, config.grid))
-            masks = masks_of(scores, pattern, list(todo))
-            wanted = not plotted and scorer == plot_scorer and pattern == plot_pattern
-            if wanted and plot_level(config) in todo:
-                level_mask = masks[list(todo).index(plot_level(config))]
-                plot_masks(prepared, level_mask, f"{plot_pattern.name} {scorer}", config, plot_dir)
-                plotted = True
-            evaluate_levels(context, masks, todo)
-            del masks
-            refine = {s: [] for r in records.values() for s in refinement_of(r, pattern, config)}
-            todo = missing_levels(records, sorted(refine))
-            bar.total += sum(len(names) for names in todo.values())
-            evaluate_levels(context, masks_of(scores, pattern, list(todo)), todo)
-        if scorer == plot_scorer and not plotted:
-            (mask,) = masks_of(scores, plot_pattern, [plot_level(config)])
-            plot_masks(prepared, mask, f"{plot_pattern.name} {scorer}", config, plot_dir)
-            plotted = True
-        del scores
-    for name, evaluator in prepared.evaluators.items():
-        store.compilations[f"{key}/{name}"] = evaluator.compilations()
-    store.save()
+    levels = [s for s in config.grid if s > 0.0] or [config.plot_sparsity]
+    sparsity = min(levels, key=lambda s: abs(s - config.plot_sparsity))
+    pattern = unstructured[0] if unstructured else Pattern("layerwise")
+    return MaskPlot(settings.scorers[0], pattern, sparsity)
 
 
-def missing_levels(records: dict[str, dict], sparsities: Sequence[float]) -> dict[float, list]:
-    """{sparsity: [tasks without that level]} for the sparsities some task still lacks."""
-    todo = {}
-    for sparsity in sparsities:
-        names = [name for name, record in records.items() if level_of(record, sparsity) is None]
-        if names:
-            todo[sparsity] = names
-    return todo
-
-
-def plot_masks(
-    prepared: ModelRun, mask: Any, scorer: str, config: Any, workdir: Path
-) -> list[Path]:
-    """Per-layer sparsity and the component view (paper's Figure 1) of one mask.
-
-    `scorer` names the mask in the title, e.g. "global magnitude".
-    """
-    from es_jax import pruning
+def plot_masks(prepared: ModelRun, mask: Any, plot: MaskPlot, workdir: Path) -> list[Path]:
+    """Per-layer sparsity and the component view (the paper's Figure 1) of one mask."""
+    from es_jax import models
     from es_jax.analysis import plots
 
-    report = pruning.report(pruning.apply(prepared.params, mask), where=prepared.where)
-    leaf_sparsity = {
-        path: float(leaf["sparsity"]) for path, leaf in report["leaves"].items() if leaf["target"]
-    }
-    title = f"{prepared.key}: {scorer} mask at {100 * plot_level(config):g}% sparsity"
-    component_masks = {
-        path: np.asarray(leaf)
-        for path, leaf in zip(pruning.leaf_paths(mask), jax.tree.leaves(mask), strict=True)
-    }
-    return [
-        plots.plot_layer_sparsity(leaf_sparsity, workdir / f"layers_{prepared.key}.png", title),
-        plots.plot_component_masks(
-            component_masks, workdir / f"components_{prepared.key}.png", title
-        ),
-    ]
-
-
-def iter_models(config: Any) -> Iterator[tuple[str, Any]]:
-    """(key, settings) of every model entry, in config order."""
-    yield from config.models.items()
-
-
-def run(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool = True) -> dict:
-    """Runs (or resumes) the sweep; writes results.json, results.csv and plots; returns results."""
-    from es_jax.analysis import plots
-
-    validate(config)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    store = ResultsStore(workdir, config)
-    start = time.perf_counter()
-    with tqdm(total=todo_count(store, config), disable=not progress, unit="eval") as bar:
-        for key, settings in iter_models(config):
-            if model_is_done(store, key, settings, config):
-                continue
-            sweep_model(key, settings, config, store, bar, workdir)
-    wanted = {
-        run_id(key, t, p, s)
-        for key, settings in iter_models(config)
-        for t in settings.tasks
-        for p in settings.patterns
-        for s in settings.scorers
-    }
-    runs = [finalise(store.runs[rid], config.epsilon) for rid in store.runs if rid in wanted]
-    store.runs = {r["id"]: r for r in runs}
-    store.save()
-    write_csv(runs, workdir / "results.csv")
-    plots.plot_drops(runs, workdir / "drops.png")
-    (workdir / "summary.md").write_text(summary_table(runs) + "\n\n" + levels_table(runs) + "\n")
-    results = json.loads(store.path.read_text())
-    results["seconds"] = time.perf_counter() - start
-    return results
-
-
-def main(argv: list[str]) -> None:
-    """`es-jax sweep` entry point."""
-    try:
-        config, workdir = parse_args(argv)
-        results = run(config, workdir)
-    except ValueError as error:
-        raise SystemExit(f"es-jax sweep: {error}") from error
-    print(summary_table(results["runs"]))
-    print(f"\nresults: {workdir / 'results.json'}, {workdir / 'results.csv'}, plots in {workdir}")
+    title = (
+        f"{prepared.key}: {plot.pattern.name} {plot.scorer} mask at "
+        f"{100 * plot.sparsity:g}% sparsity"
+    )
+    family = models.family_of(prepared.model)
+    return plots.plot_mask(prepared.params, mask, family, workdir, prepared.key, title)

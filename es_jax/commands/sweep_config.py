@@ -1,22 +1,19 @@
-"""Configuration and validation of `es-jax sweep`: the config, its overrides, and the checks.
+"""es-jax sweep --workdir runs/default   (this file is the embedded default config)
 
-The embedded default config (`default_config()`) and one model entry's settings
-(`model_settings()`), loading a Python config file (`FILE` or `FILE:tiny`, shrunk to a smoke run
-of tiny random models), `--config.KEY=VALUE` overrides typed like the values they replace, and
-the command line; then everything that can be checked before any work starts: sparsity patterns
-(global, layerwise, N:M), the grid, scorers, each model's family against the kind of model its
-tasks need, and fine-tune settings, so a bad config fails with a ValueError up front.
+The config of `es-jax sweep` and its checks: the embedded default (`default_config()`, also
+`get_config()` so that `--config es_jax/commands/sweep_config.py[:tiny]` works like any config
+file), one model entry's settings (`model_settings()`), the `:tiny` variant that shrinks any
+sweep config to a smoke run of tiny random models (`with_variant`), and everything that can be
+checked before any work starts: sparsity patterns (global, layerwise, N:M), the grid, scorers,
+each model's family against the kind of model its tasks need, and fine-tune settings, so a bad
+config fails with a ValueError up front.
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
-import importlib.util
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -121,67 +118,12 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 TOP_LEVEL_KEYS = frozenset(default_config().keys())
+DEFAULT_FAMILIES = {"minilm": "bert", "smollm2": "llama"}
 
 
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-    """`get_config()` of a Python config file; `FILE:ARG` calls `get_config(ARG)` (e.g. tiny)."""
-    file_name, _, argument = path.partition(":")
-    file = Path(file_name)
-    if not file.is_file():
-        raise ValueError(f"--config {file_name}: no such file.")
-    spec = importlib.util.spec_from_file_location(f"es_jax_config_{file.stem}", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"--config {path}: the file defines no get_config().")
-    return module.get_config(argument) if argument else module.get_config()
-
-
-# Random tiny models of each family (HF config.json fields), for tests and smoke runs. Text
-# models use the bundled MiniLM tokenizer's vocabulary.
-TINY_MODELS = {
-    "bert": {
-        "model_type": "bert",
-        "vocab_size": 30522,
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "intermediate_size": 64,
-        "max_position_embeddings": 128,
-    },
-    "opt": {
-        "model_type": "opt",
-        "vocab_size": 30522,
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "ffn_dim": 64,
-        "max_position_embeddings": 128,
-        "word_embed_proj_dim": 32,
-        "do_layer_norm_before": True,
-        "pad_token_id": 0,
-    },
-    "llama": {
-        "model_type": "llama",
-        "vocab_size": 30522,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 128,
-        "tie_word_embeddings": True,
-    },
-    "vit": {
-        "model_type": "vit",
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "intermediate_size": 64,
-        "image_size": 32,
-        "patch_size": 8,
-    },
-}
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+    """The embedded default sweep; variant 'tiny' for a smoke run of tiny random models."""
+    return with_variant(default_config(), variant, DEFAULT_FAMILIES)
 
 
 def with_variant(
@@ -199,6 +141,8 @@ def shrink(config: ml_collections.ConfigDict, family_of_entry: dict[str, str]) -
     """Turns a paper config into a smoke run (in place): tiny random models, two levels, two
     training steps, a few examples, the first task and pattern of each model entry, and one
     entry per distinct (family, model kind, pattern kind)."""
+    from es_jax.models import hub
+
     config.grid = (0.0, 0.5)
     config.plot_sparsity = 0.5
     seen = set()
@@ -213,7 +157,7 @@ def shrink(config: ml_collections.ConfigDict, family_of_entry: dict[str, str]) -
             del config.models[key]
             continue
         seen.add(kind)
-        settings.tiny = ml_collections.ConfigDict(TINY_MODELS[family])
+        settings.tiny = ml_collections.ConfigDict(hub.TINY_HF_CONFIGS[family])
         settings.tasks = settings.tasks[:1]
         settings.patterns = settings.patterns[:1]
         settings.max_examples = 8
@@ -228,80 +172,6 @@ def shrink(config: ml_collections.ConfigDict, family_of_entry: dict[str, str]) -
         settings.finetune = ml_collections.ConfigDict(
             {"total_steps": 2, "batch_size": 4, "num_epochs": 1}
         )
-
-
-def _parse_value(text: str, current: Any) -> Any:
-    """An override's value, read with the type of the value it replaces."""
-    if isinstance(current, str):
-        return text
-    if isinstance(current, bool):
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"expected true or false, got {text!r}")
-        return text.lower() in ("true", "1")
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        value = text
-    if isinstance(current, tuple | list):
-        if isinstance(value, tuple | list):
-            return tuple(value)
-        items = [item.strip() for item in text.split(",") if item.strip()]
-        parsed = []
-        for item in items:
-            try:
-                parsed.append(ast.literal_eval(item))
-            except (ValueError, SyntaxError):
-                parsed.append(item)
-        return tuple(parsed)
-    if isinstance(current, float) and isinstance(value, int):
-        return float(value)
-    return value
-
-
-def apply_override(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
-    """Sets `config.<dotted> = text` (typed like the old value); ValueError on unknown keys."""
-    keys = dotted.split(".")
-    node = config
-    for i, key in enumerate(keys[:-1]):
-        if not isinstance(node, ml_collections.ConfigDict) or key not in node:
-            raise ValueError(f"unknown config key {'.'.join(keys[: i + 1])!r} in --config.{dotted}")
-        node = node[key]
-    last = keys[-1]
-    free_form = len(keys) >= 2 and keys[-2] in FREE_FORM
-    if not isinstance(node, ml_collections.ConfigDict) or (last not in node and not free_form):
-        known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-        raise ValueError(f"unknown config key {dotted!r}; known keys here: {known}.")
-    current = node.get(last, None)
-    try:
-        value = _parse_value(text, current) if current is not None else ast.literal_eval(text)
-    except (ValueError, SyntaxError) as error:
-        raise ValueError(f"--config.{dotted}={text}: {error}") from error
-    try:
-        node[last] = value
-    except TypeError as error:
-        raise ValueError(f"--config.{dotted}={text}: {error}") from error
-
-
-def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, Path]:
-    """The config (file or default, with overrides) and the workdir from the command line."""
-    parser = argparse.ArgumentParser(
-        prog="es-jax sweep",
-        description="One-shot pruning sweep and essential sparsity (see docs/sweep.md).",
-        epilog="Override any config key with --config.KEY=VALUE, e.g. --config.grid=0.0,0.5",
-    )
-    parser.add_argument("--config", default=None, help="ml_collections config file (get_config)")
-    parser.add_argument("--workdir", default="runs/sweep", help="where results and plots go")
-    known, rest = parser.parse_known_args(list(argv))
-    overrides = []
-    for arg in rest:
-        if not arg.startswith("--config.") or "=" not in arg:
-            parser.error(f"unrecognised argument {arg!r}; overrides look like --config.KEY=VALUE")
-        dotted, _, text = arg[len("--config.") :].partition("=")
-        overrides.append((dotted, text))
-    config = load_config_file(known.config) if known.config else default_config()
-    for dotted, text in overrides:
-        apply_override(config, dotted, text)
-    return config, Path(known.workdir)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,11 +8,15 @@ Readers (lists in a fixed order; local sets are built once into the data dir):
   source(name, split) -> tfds data source     local short names or catalogue names
 Pipelines (grain):
   padded_batches, packed_lm_dataset, token_blocks, subset_documents, tokenize_padded
+Pre-training corpora and vocabularies (es_jax.data.corpora, es_jax.data.wordpiece):
+  corpus_documents(name), training_documents(names, fraction, seed)
+  cached_wordpiece(path, corpora, vocab_size), train_wordpiece, WordPieceTokenizer
 Fine-tuning tasks (es_jax.data.tasks):
   classification_dataset(name, split, ...)    GLUE mnli/qnli/qqp/sst2/rte and pang_lee
   squad_features(records, ...), feature_batches(features, ...)
 """
 
+from es_jax.data.corpora import corpus_documents, training_documents
 from es_jax.data.pipelines import (
     host_shard,
     packed_lm_dataset,
@@ -39,13 +43,23 @@ from es_jax.data.tasks import (
     feature_batches,
     squad_features,
 )
+from es_jax.data.wordpiece import (
+    SPECIAL_TOKENS,
+    WordPieceTokenizer,
+    cached_wordpiece,
+    train_wordpiece,
+)
 
 __all__ = [
     "CATALOGUE",
     "CLASSIFICATION_TASKS",
+    "SPECIAL_TOKENS",
+    "WordPieceTokenizer",
+    "cached_wordpiece",
     "classification_batches",
     "classification_dataset",
     "classification_task",
+    "corpus_documents",
     "documents",
     "feature_batches",
     "host_shard",
@@ -60,5 +74,7 @@ __all__ = [
     "subset_documents",
     "token_blocks",
     "tokenize_padded",
+    "train_wordpiece",
+    "training_documents",
     "word_pairs",
 ]

@@ -156,6 +156,18 @@ def lm_blocks(
     return batches
 
 
+def calibration_batches(
+    tokenizer: Any, data_dir: str, length: int, blocks: int, batch_size: int
+) -> list[dict[str, np.ndarray]]:
+    """Wanda calibration inputs: `blocks` of `length` tokens of Lee background news, which no
+    evaluation reads."""
+    from es_jax import data
+
+    documents = data.documents("lee_background", data_dir or None)
+    batches = lm_blocks(documents, tokenizer, length, blocks, batch_size)
+    return [{k: b[k] for k in ("input_ids", "attention_mask")} for b in batches]
+
+
 def wikipedia_blocks(tokenizer: Any, settings: TaskSettings) -> list[dict[str, np.ndarray]]:
     """The fixed Wikipedia text as `lm_blocks` of `lm_length` tokens."""
     from es_jax import data

@@ -16,6 +16,7 @@ from es_jax.models.family import Family
 from es_jax.models.hub import (
     FAMILIES,
     REGISTRY,
+    TINY_HF_CONFIGS,
     export,
     family_for,
     family_of,
@@ -28,6 +29,7 @@ from es_jax.models.hub import (
 __all__ = [
     "FAMILIES",
     "REGISTRY",
+    "TINY_HF_CONFIGS",
     "Family",
     "activation_norms",
     "bert",

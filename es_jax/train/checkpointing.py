@@ -5,16 +5,22 @@ and the grain iterator state of every host, so a run restored from it continues 
 never stopped. A checkpoint that cannot be read is moved aside with a warning naming it, and the run
 resumes from the one before it. The run's config is stored beside the checkpoints, and a different
 config pointed at the same directory is refused unless forced.
+
+Readers of finished runs (analyses across checkpoints) find the runs under a folder (`find_runs`)
+and open each (`open_run`): its saved steps, its stored config, and its parameters at any step as
+host numpy arrays, whatever devices or sharding they were saved with.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -182,15 +188,86 @@ def open_reader(directory: str | Path) -> ocp.CheckpointManager:
 def read_state(directory: str | Path, step: int) -> Any:
     """One step's train state as numpy arrays, whatever devices or sharding it was saved with."""
     manager = open_reader(directory)
-    metadata = manager.item_metadata(step)["state"]
-    tree = metadata.tree if hasattr(metadata, "tree") else metadata
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    tree = _state_metadata(manager, step)
+    restore_args = _numpy_restore_args(tree)
     restored = manager.restore(
         step,
         args=ocp.args.Composite(state=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args)),
     )
     manager.close()
     return restored["state"]
+
+
+def read_params(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    """One checkpoint's parameters (only), as host numpy arrays."""
+    params_tree = {"params": _state_metadata(manager, step)["params"]}
+    restore_args = {"params": _numpy_restore_args(params_tree["params"])}
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item=params_tree, restore_args=restore_args, partial_restore=True
+            )
+        ),
+    )
+    return restored["state"]["params"]
+
+
+def _state_metadata(manager: ocp.CheckpointManager, step: int) -> Any:
+    """The tree of array metadata of one step's train state."""
+    metadata = manager.item_metadata(step)["state"]
+    return metadata.tree if hasattr(metadata, "tree") else metadata
+
+
+def _numpy_restore_args(tree: Any) -> Any:
+    """Restore arguments that read every array of `tree` into host memory."""
+    return jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+
+
+class RunReader(NamedTuple):
+    """A finished (or running) run opened for reading: where it is, what it saved, its config."""
+
+    directory: Path
+    steps: list[int]
+    config: dict[str, Any]
+    read_params: Callable[[int], dict[str, Any]]
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    """Where a training run keeps its checkpoints."""
+    return Path(run_dir) / CHECKPOINT_DIR
+
+
+def find_runs(workdir: str | Path) -> list[Path]:
+    """The run directories under `workdir`: itself if it holds checkpoints, else its children."""
+    workdir = Path(workdir)
+    if checkpoint_dir(workdir).is_dir():
+        return [workdir]
+    children = sorted(workdir.iterdir(), key=lambda p: _natural(p.name)) if workdir.is_dir() else []
+    runs = [p for p in children if checkpoint_dir(p).is_dir()]
+    if not runs:
+        raise ValueError(
+            f"{workdir} holds no checkpoints/ directory, nor do its sub-directories; point "
+            "--workdir at a pre-training run (or at a folder of runs)."
+        )
+    return runs
+
+
+def open_run(run_dir: str | Path) -> RunReader:
+    """A run's saved steps (ascending), its stored config ({} if none), a reader of its params."""
+    run_dir = Path(run_dir)
+    manager = open_reader(checkpoint_dir(run_dir))
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise ValueError(f"{checkpoint_dir(run_dir)} holds no complete checkpoint yet.")
+    config_file = run_dir / CONFIG_FILE
+    config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    return RunReader(run_dir, steps, config, partial(read_params, manager))
+
+
+def _natural(key: str) -> tuple:
+    """Sort key that puts "10" after "9"."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key))
 
 
 def config_fingerprint(config: Any) -> dict[str, Any]:

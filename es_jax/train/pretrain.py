@@ -1,11 +1,12 @@
 """MLM pre-training of BERT from scratch, with Orbax checkpoints that resume exactly.
 
-`es-jax pretrain --config configs/pretrain_smoke.py --workdir runs/smoke` trains, saves checkpoints
-under `runs/smoke/checkpoints/` and, run again, resumes from the newest readable one. One code path
-runs on one CPU and on a TPU pod: a `jax.sharding.Mesh` over every device with a `data` axis,
-batches split along it, parameters replicated or FSDP-sharded (`config.fsdp`), and
+`train_and_evaluate(config, workdir)` (behind `es-jax pretrain`) trains, saves checkpoints under
+`WORKDIR/checkpoints/` and, run again, resumes from the newest readable one. One code path
+runs on one CPU and on a TPU pod: the mesh of `es_jax.mesh` over every device, batches split along
+its `data` axis, parameters replicated or FSDP-sharded (`config.fsdp`), and
 `jax.distributed.initialize()` first when `config.distributed` is set (every host runs the same
-command).
+command). The corpora and the WordPiece vocabulary come from `es_jax.data`; the loss plot of a run
+is drawn from its `train_log.jsonl` by `es_jax.analysis.plots.plot_training_loss`.
 """
 
 from __future__ import annotations
@@ -22,47 +23,25 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import flags
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
-from ml_collections import config_flags
+from jax.sharding import Mesh
 
+from es_jax.data.corpora import training_documents
+from es_jax.data.pipelines import packed_lm_dataset
+from es_jax.data.wordpiece import cached_wordpiece
+from es_jax.mesh import batch_sharding, global_batch, make_mesh, replicated, state_shardings
 from es_jax.train import checkpointing
 from es_jax.train.mlm import mask_tokens, mlm_loss
 
-DATA_AXIS = "data"
 TOKENIZER_FILE = "tokenizer.json"
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-# Config keys that change how a run is executed or logged, not what it computes.
+LOG_FILE = "train_log.jsonl"
+RESULTS_FILE = "results.json"
+# Config keys that change how a run is executed or logged, not what it computes: a resumed run
+# may change them freely.
 RUN_ONLY_KEYS = ("force", "log_every", "async_checkpoints", "distributed")
 
 
 # ----------------------------------------------------------------------------- set-up
-
-
-def make_mesh() -> Mesh:
-    """A one-axis mesh over every device of every host (data parallel, and FSDP when asked)."""
-    return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
-
-
-def leaf_spec(shape: tuple[int, ...], mesh_size: int, fsdp: bool) -> P:
-    """FSDP shards a leaf's largest axis divisible by the mesh; small leaves stay replicated."""
-    if not fsdp or mesh_size == 1 or int(np.prod(shape, dtype=np.int64)) < 2**12:
-        return P()
-    for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
-        if shape[axis] % mesh_size == 0:
-            spec = [None] * len(shape)
-            spec[axis] = DATA_AXIS
-            return P(*spec)
-    return P()
-
-
-def state_shardings(abstract_state: Any, mesh: Mesh, fsdp: bool) -> Any:
-    """NamedShardings for every leaf of the train state, decided by its shape alone."""
-    return jax.tree.map(
-        lambda leaf: NamedSharding(mesh, leaf_spec(leaf.shape, mesh.size, fsdp)), abstract_state
-    )
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -193,106 +172,19 @@ def train_step(
 # ----------------------------------------------------------------------------- data
 
 
-def corpus_documents(name: str) -> list[str]:
-    """Texts of a corpus: the offline "wikipedia"/"lee_background", or a tfds name's `text`."""
-    from es_jax import data
-
-    if name in ("wikipedia", "lee_background"):
-        return data.documents(name)
-    records = data.source(name, "train")
-    texts = (records[i]["text"] for i in range(len(records)))
-    return [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts]
-
-
-def train_wordpiece(texts: list[str], vocab_size: int, path: Path):
-    """A lower-cased BERT WordPiece tokenizer trained on `texts`, saved to `path`."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers.trainers import WordPieceTrainer
-
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece()
-    trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS))
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    # The trainer orders equally frequent pieces at random: number them canonically instead, so
-    # the same texts always give the same ids (runs on several data volumes share a vocabulary).
-    pieces = sorted(set(tokenizer.get_vocab()) - set(SPECIAL_TOKENS))
-    vocab = {piece: i for i, piece in enumerate([*SPECIAL_TOKENS, *pieces])}
-    tokenizer.model = models.WordPiece(vocab, unk_token="[UNK]")
-    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(path))
-    return tokenizer
-
-
-class WordPieceTokenizer:
-    """The few tokenizer attributes the pipelines use, over a `tokenizers.Tokenizer`.
-
-    Loading through transformers costs seconds of imports in every process; this keeps a run's
-    start (and a resumed run's restart) short.
-    """
-
-    def __init__(self, path: Path):
-        from tokenizers import Tokenizer
-
-        self.backend = Tokenizer.from_file(str(path))
-        for kind in ("pad", "unk", "cls", "sep", "mask"):
-            setattr(self, f"{kind}_token_id", self.backend.token_to_id(f"[{kind.upper()}]"))
-        self.eos_token_id = None
-        self.all_special_ids = [self.backend.token_to_id(t) for t in SPECIAL_TOKENS]
-
-    def __len__(self) -> int:
-        return self.backend.get_vocab_size()
-
-    def __call__(self, texts: list[str], add_special_tokens: bool = True) -> dict[str, list]:
-        """Token ids of each text, as transformers' tokenizers return them."""
-        encodings = self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
-        return {"input_ids": [e.ids for e in encodings]}
-
-
 def load_tokenizer(config: ml_collections.ConfigDict, workdir: Path):
     """The run's tokenizer: a WordPiece vocabulary cached in the workdir, or a named one."""
     if config.data.tokenizer != "wordpiece":
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(config.data.tokenizer)
-    path = workdir / TOKENIZER_FILE
-    if not path.exists():
-        if jax.process_index() == 0:
-            texts = [t for name in config.data.corpora for t in corpus_documents(name)]
-            partial_path = path.with_suffix(".partial")
-            train_wordpiece(texts, config.data.vocab_size, partial_path)
-            partial_path.rename(path)
-        _sync_hosts("tokenizer")
-    return WordPieceTokenizer(path)
-
-
-def _sync_hosts(name: str) -> None:
-    """A barrier across hosts (a no-op on one host)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-def training_documents(config: ml_collections.ConfigDict) -> list[str]:
-    """The run's data volume: a seeded random fraction of the corpora's documents."""
-    from es_jax.data.pipelines import subset_documents
-
-    texts = [t for name in config.data.corpora for t in corpus_documents(name)]
-    return subset_documents(texts, config.data.fraction, config.data.seed)
+    return cached_wordpiece(workdir / TOKENIZER_FILE, config.data.corpora, config.data.vocab_size)
 
 
 def training_dataset(config: ml_collections.ConfigDict, tokenizer):
     """This host's grain dataset of packed-sequence batches (endless, reshuffled every epoch)."""
-    from es_jax.data.pipelines import packed_lm_dataset
-
     return packed_lm_dataset(
-        training_documents(config),
+        training_documents(config.data.corpora, config.data.fraction, config.data.seed),
         tokenizer,
         seq_len=config.data.seq_len,
         batch_size=config.global_batch_size // jax.process_count(),
@@ -310,18 +202,13 @@ def with_maskable(batch: dict[str, np.ndarray], special_ids: np.ndarray) -> dict
     return {"input_ids": input_ids, "attention_mask": attention_mask, "maskable": maskable}
 
 
-def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """This host's part of the batch placed as one global array split along the data axis."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
 def write_log(workdir: Path, record: dict[str, Any]) -> None:
     """Appends one JSON line to the run's training log (host 0 only)."""
     if jax.process_index() == 0:
-        with open(workdir / "train_log.jsonl", "a") as log:
+        with open(workdir / LOG_FILE, "a") as log:
             log.write(json.dumps(record) + "\n")
 
 
@@ -337,8 +224,8 @@ def compiled_step(config, graphdef, optimizer, tokenizer, vocab_size, mesh, shar
     )
     return jax.jit(
         step,
-        in_shardings=(shardings, NamedSharding(mesh, P(DATA_AXIS)), None),
-        out_shardings=(shardings, NamedSharding(mesh, P())),
+        in_shardings=(shardings, batch_sharding(mesh), None),
+        out_shardings=(shardings, replicated(mesh)),
     )
 
 
@@ -385,12 +272,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     save_at = set(checkpointing.checkpoint_steps(
         config.total_steps, config.checkpoint_every, config.log_spaced_checkpoints
     ))
-    batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+    batch_placement = batch_sharding(mesh)
     metrics: dict[str, Any] = {}
     progress = _progress(start, config.total_steps)
     started = time.perf_counter()
     for step in range(start + 1, config.total_steps + 1):
-        batch = global_batch(with_maskable(next(iterator), special_ids), batch_sharding)
+        batch = global_batch(with_maskable(next(iterator), special_ids), batch_placement)
         state, step_metrics = step_fn(state, batch, rest)
         progress.update(1)
         if step in save_at or step % config.log_every == 0:
@@ -412,33 +299,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         "checkpoints": sorted(save_at),
     }
     if jax.process_index() == 0:
-        (workdir / "results.json").write_text(json.dumps(summary, indent=2))
-        plot_loss(workdir)
+        (workdir / RESULTS_FILE).write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def plot_loss(workdir: Path) -> None:
-    """Writes `loss.png`: the MLM loss against step, from the run's training log."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    log = workdir / "train_log.jsonl"
-    lines = log.read_text().splitlines() if log.exists() else []
-    records = sorted({r["step"]: r for r in map(json.loads, filter(None, lines))}.values(),
-                     key=lambda r: r["step"])
-    if not records:
-        return
-    figure, axis = plt.subplots(figsize=(5.5, 3.5))
-    axis.plot([r["step"] for r in records], [r["loss"] for r in records], marker=".")
-    axis.set_xlabel("step")
-    axis.set_ylabel("MLM loss")
-    axis.set_title(workdir.name)
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(workdir / "loss.png", dpi=110)
-    plt.close(figure)
 
 
 def _progress(start: int, total: int):
@@ -449,40 +311,3 @@ def _progress(start: int, total: int):
         total=total, initial=start, desc="pretrain", unit="step",
         disable=jax.process_index() != 0, file=sys.stderr,
     )
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def parse_flags(argv: list[str]) -> tuple[ml_collections.ConfigDict, Path]:
-    """Reads `--config FILE` (with `--config.key=value` overrides), `--workdir` and `--force`."""
-    flag_values = flags.FlagValues()
-    command_line = ["es-jax pretrain", *argv]
-    config_flags.DEFINE_config_file(
-        "config", None, "ml_collections config file.", flag_values=flag_values,
-        lock_config=True, sys_argv=command_line,
-    )
-    flags.DEFINE_string(
-        "workdir", None, "Directory for checkpoints and logs.", flag_values=flag_values
-    )
-    flags.DEFINE_bool(
-        "force", False, "Continue a workdir that holds a different config.", flag_values=flag_values
-    )
-    flag_values(command_line)
-    if flag_values.config is None or flag_values.workdir is None:
-        raise ValueError("es-jax pretrain needs --config FILE and --workdir DIR.")
-    config = flag_values.config
-    if flag_values.force:
-        with config.unlocked():
-            config.force = True
-    return config, Path(flag_values.workdir)
-
-
-def main(argv: list[str]) -> None:
-    """`es-jax pretrain --config FILE --workdir DIR [--config.key=value ...] [--force]`."""
-    if any(arg in ("-h", "--help") for arg in argv):
-        print(main.__doc__)
-        return
-    config, workdir = parse_flags(argv)
-    summary = train_and_evaluate(config, workdir)
-    print(json.dumps({k: v for k, v in summary.items() if k != "checkpoints"}))

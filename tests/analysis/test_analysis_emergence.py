@@ -1,6 +1,9 @@
 """Emergence analysis over checkpoints: exact figures on constructed runs, transitions, reports."""
 
 import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +62,8 @@ def runs(tmp_path_factory):
     for name, fraction in (("data_100", 1.0), ("data_60", 0.6)):
         (root / name).mkdir()
         write_run(root / name, fraction)
-    report = emergence.emergence(root, thresholds=(1e-4, 1e-2), relative_thresholds=(0.01,),
+    runs = [checkpointing.open_run(run) for run in checkpointing.find_runs(root)]
+    report = emergence.emergence(root, runs, thresholds=(1e-4, 1e-2), relative_thresholds=(0.01,),
                                  sparsities=(0.1, 0.5), headline="near_zero@0.0001")
     return root, report
 
@@ -79,11 +83,13 @@ def test_near_zero_fractions_are_exact(runs):
         assert record["exact_zeros"]["model"] > 0.0  # the zero biases count over the model
 
 
-def test_components_and_layers_come_from_paths():
+def test_components_and_layers_are_the_families_reading_of_paths():
+    from es_jax.models import bert
+
     path = "bert/encoder/layers/11/mlp/down/kernel"
-    assert emergence.component_of(path) == "mlp/down"
-    assert emergence.layer_of(path) == "11"
-    assert emergence.layer_of("bert/embeddings/word_embeddings/embedding") == "other"
+    assert bert.component_of(path) == "mlp/down"
+    assert emergence.layer_name(bert, path) == "11"
+    assert emergence.layer_name(bert, "bert/embeddings/word_embeddings/embedding") == "other"
 
 
 def test_steps_are_listed_with_mask_overlaps(runs):
@@ -127,6 +133,21 @@ def test_reports_and_plots_are_written(runs):
         assert (root / f"emergence_{name}.png").stat().st_size > 0
 
 
-def test_a_folder_without_checkpoints_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="no checkpoints"):
-        emergence.find_runs(tmp_path)
+class MemoryRun(NamedTuple):
+    """A run held in memory: the analysis reads any object with these four fields."""
+
+    directory: Path
+    steps: list[int]
+    config: dict[str, Any]
+    read_params: Callable[[int], Any]
+
+
+def test_the_analysis_reads_through_any_reader(runs, tmp_path):
+    _, report = runs
+    run = MemoryRun(tmp_path, list(STEPS), {"data": {"fraction": 0.6}},
+                    lambda step: bert_like_params(step, tiny_counts(step)))
+    result = emergence.analyse_run(run, thresholds=(1e-4, 1e-2), relative_thresholds=(0.01,),
+                                   sparsities=(0.1, 0.5))
+    assert result["label"] == f"{tmp_path.name} (data 60%)"
+    assert result["steps"] == report["runs"][0]["steps"]
+    assert json.loads((tmp_path / emergence.RESULTS_FILE).read_text()) == result

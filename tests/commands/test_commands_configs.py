@@ -1,12 +1,13 @@
-"""Every experiment config: its docstring opens with its command, its full form names known tasks
-and patterns, and its tiny variant runs end to end (tiny random models, tfds mock data)."""
+"""Every config in configs/: its docstring opens with its command, its full form names known
+tasks and patterns, and its tiny variant runs end to end (tiny random models, tfds mock data)."""
 
 from pathlib import Path
 
 import pytest
 import tensorflow_datasets as tfds
 
-from es_jax.evaluate import sweep, sweep_config
+from es_jax.cli import COMMANDS
+from es_jax.commands import command_line, pretrain_config, sweep, sweep_config
 from es_jax.evaluate import tasks as task_registry
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -17,16 +18,38 @@ EXPERIMENTS = (
     "vicuna_perplexity.py",
     "default.py",
 )
+PRETRAINING = ("pretrain_cpu.py", "pretrain_smoke.py", "bert_base_pretrain.py")
 
 
 def load(name: str, variant: str = ""):
-    return sweep_config.load_config_file(f"{CONFIGS / name}{':' + variant if variant else ''}")
+    return command_line.load_config(f"{CONFIGS / name}{':' + variant if variant else ''}")
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_config_file_is_listed_here():
+    assert {p.name for p in CONFIGS.glob("*.py")} == {*EXPERIMENTS, *PRETRAINING}
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.py")))
 def test_docstring_opens_with_the_command(name):
     first_line = (CONFIGS / name).read_text().split('"""')[1].splitlines()[0]
-    assert first_line.startswith(f"es-jax sweep --config configs/{name} --workdir runs/")
+    command = first_line.split(" --config ")[0]
+    assert command.removeprefix("es-jax ") in COMMANDS
+    assert first_line.startswith(f"{command} --config configs/{name} --workdir ")
+
+
+@pytest.mark.parametrize("name", PRETRAINING)
+def test_pretraining_tiny_variant_is_the_offline_smoke_run(name):
+    tiny, smoke = load(name, "tiny"), pretrain_config.get_config("tiny")
+    assert tiny.model.to_dict() == smoke.model.to_dict()
+    assert tiny.data.to_dict() == smoke.data.to_dict()
+    assert (tiny.total_steps, tiny.distributed) == (30, False)
+
+
+def test_pretraining_configs_change_only_what_differs_from_the_base():
+    base = pretrain_config.get_config()
+    assert load("pretrain_cpu.py").to_dict() == base.to_dict()
+    assert load("pretrain_smoke.py").to_dict() == pretrain_config.get_config("tiny").to_dict()
+    assert set(load("bert_base_pretrain.py").keys()) == set(base.keys())
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -42,9 +65,11 @@ def test_full_config_names_known_tasks_patterns_and_scorers(name):
         assert set(settings.scorers) <= set(sweep_config.SCORERS)
 
 
-def test_unknown_variant_is_refused():
-    with pytest.raises(ValueError, match="unknown config variant"):
-        load("opt_glue.py", "huge")
+@pytest.mark.parametrize("name", ["opt_glue.py", "pretrain_cpu.py"])
+def test_unknown_variant_is_refused(name, tmp_path):
+    argv = ["--config", f"{CONFIGS / name}:huge", "--workdir", str(tmp_path)]
+    with pytest.raises(ValueError, match="unknown config variant 'huge'"):
+        command_line.parse("sweep", argv)
 
 
 @pytest.mark.parametrize(

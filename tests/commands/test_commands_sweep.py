@@ -1,34 +1,19 @@
-"""The sweep driver: config and overrides, bad input refused up front, an end-to-end tiny sweep
-that writes results.json/CSV/plots, compiles each evaluator once, and resumes without redoing."""
+"""`es-jax sweep`: its config, bad input refused up front, an end-to-end tiny sweep that writes
+results.json/CSV/plots, compiles each evaluator once, and resumes from its plan without redoing."""
 
+import copy
 import json
 
 import ml_collections
 import numpy as np
 import pytest
 
-from es_jax.evaluate import results, sweep, sweep_config
+from es_jax import models
+from es_jax.commands import sweep, sweep_config, sweep_plan
+from es_jax.commands import sweep_results as results
 
-TINY_BERT = {
-    "model_type": "bert",
-    "vocab_size": 30522,
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "max_position_embeddings": 64,
-}
-TINY_LLAMA = {
-    "model_type": "llama",
-    "vocab_size": 30522,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-    "tie_word_embeddings": True,
-}
+TINY_BERT = {**models.TINY_HF_CONFIGS["bert"], "max_position_embeddings": 64}
+TINY_LLAMA = {**models.TINY_HF_CONFIGS["llama"], "max_position_embeddings": 64}
 
 
 @pytest.fixture(scope="module")
@@ -71,45 +56,6 @@ def test_default_config_is_the_embedded_offline_sweep():
     assert set(config.models.minilm.tasks) == {"lee", "wordsim353", "simlex999"}
     assert config.models.smollm2.tasks == ("wikitext",)
     assert set(config.models.smollm2.scorers) == {"magnitude", "wanda"}
-
-
-def test_overrides_are_typed_like_the_values_they_replace(tmp_path):
-    config, workdir = sweep_config.parse_args(
-        [
-            "--workdir",
-            str(tmp_path),
-            "--config.grid=0.0,0.5",
-            "--config.refine=2",
-            "--config.models.minilm.tasks=lee",
-            "--config.epsilon.absolute=2",
-        ]
-    )
-    assert workdir == tmp_path
-    assert config.grid == (0.0, 0.5)
-    assert config.refine == 2
-    assert config.models.minilm.tasks == ("lee",)
-    assert config.epsilon.absolute == 2.0
-
-
-def test_config_file_is_loaded_with_overrides(tmp_path):
-    file = tmp_path / "exp.py"
-    file.write_text(
-        "from es_jax.evaluate import sweep_config\n\n"
-        "def get_config():\n"
-        "    config = sweep_config.default_config()\n"
-        "    config.grid = (0.0, 0.2)\n"
-        "    return config\n"
-    )
-    config, _ = sweep_config.parse_args(["--config", str(file), "--config.seed=3"])
-    assert config.grid == (0.0, 0.2)
-    assert config.seed == 3
-
-
-def test_unknown_config_key_is_refused():
-    with pytest.raises(ValueError, match="unknown config key 'gird'"):
-        sweep_config.parse_args(["--config.gird=0.1"])
-    with pytest.raises(ValueError, match=r"unknown config key 'models\.minilm\.taks'"):
-        sweep_config.parse_args(["--config.models.minilm.taks=lee"])
 
 
 def test_unknown_model_setting_is_refused():
@@ -157,9 +103,10 @@ def test_unknown_model_name_is_refused(tmp_path, data_dir):
 
 
 def test_pattern_levels():
-    assert sweep.pattern_levels(sweep_config.parse_pattern("2:4"), (0.0, 0.1)) == [0.5]
-    assert sweep.pattern_levels(sweep_config.parse_pattern("1:4"), (0.0,)) == [0.75]
-    assert sweep.pattern_levels(sweep_config.parse_pattern("global"), (0.0, 0.1, 0.2)) == [0.1, 0.2]
+    levels, pattern = sweep_plan.pattern_levels, sweep_config.parse_pattern
+    assert levels(pattern("2:4"), (0.0, 0.1)) == [0.5]
+    assert levels(pattern("1:4"), (0.0,)) == [0.75]
+    assert levels(pattern("global"), (0.0, 0.1, 0.2)) == [0.1, 0.2]
 
 
 def test_finalise_computes_drops_essential_and_epsilon():
@@ -247,6 +194,39 @@ def test_csv_and_plots_are_written(finished):
         assert (workdir / name).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_plan_of_a_finished_sweep_is_empty_and_a_fresh_one_holds_everything(finished):
+    config, _, results = finished
+    assert sweep_plan.plan(config, {r["id"]: r for r in results["runs"]}) == []
+    fresh = sweep_plan.plan(config, {})
+    assert [(load.model, load.tasks, load.dense) for load in fresh] == [
+        ("bert", ("lee", "wordsim353"), ("lee", "wordsim353")),
+        ("llama", ("wikitext",), ("wikitext",)),
+    ]
+    # dense per task + (3 global levels + one 2:4 level) x 2 scorers x 2 tasks; 3 levels x 2 scorers
+    assert sweep_plan.evaluations(fresh) == 2 + 4 * 2 * 2 + 1 + 3 * 2
+
+
+def test_the_plan_lists_exactly_what_the_stored_runs_lack(finished):
+    config, _, results = finished
+    runs = {r["id"]: copy.deepcopy(r) for r in results["runs"]}
+    lee = runs["bert|lee|global|random"]
+    lee["levels"] = [level for level in lee["levels"] if level["sparsity"] != 0.6]
+    runs["llama|wikitext|global|wanda"]["fingerprint"] = "of another config"
+    lacking = tuple(sweep_plan.Level(s, ("wikitext",)) for s in (0.3, 0.6, 0.9))
+    assert sweep_plan.plan(config, runs) == [
+        sweep_plan.Load(
+            "bert",
+            ("lee", "wordsim353"),
+            (),
+            (sweep_plan.Curve("random", "global", (sweep_plan.Level(0.6, ("lee",)),)),),
+            plots=True,
+        ),
+        sweep_plan.Load(
+            "llama", ("wikitext",), (), (sweep_plan.Curve("wanda", "global", lacking),), plots=True
+        ),
+    ]
+
+
 def test_a_finished_sweep_is_not_redone(finished, monkeypatch):
     config, workdir, results = finished
 
@@ -258,12 +238,18 @@ def test_a_finished_sweep_is_not_redone(finished, monkeypatch):
     assert again["runs"] == results["runs"]
 
 
-def test_a_crashed_sweep_resumes_where_it_stopped(tmp_path, data_dir, monkeypatch):
+def one_curve_config(data_dir: str) -> ml_collections.ConfigDict:
+    """The tiny sweep cut to one curve: tiny BERT, WordSim-353, global magnitude."""
     config = tiny_config(data_dir)
     config.models = ml_collections.ConfigDict({"bert": config.models.bert})
     config.models.bert.tasks = ("wordsim353",)
     config.models.bert.scorers = ("magnitude",)
     config.models.bert.patterns = ("global",)
+    return config
+
+
+def test_a_crashed_sweep_resumes_where_it_stopped(tmp_path, data_dir, monkeypatch):
+    config = one_curve_config(data_dir)
     calls = []
     original = sweep.Evaluator.__call__
 
@@ -301,19 +287,15 @@ def test_refinement_levels_lie_between_essential_and_the_next_grid_level():
         "levels": [{"sparsity": s, "value": 80.0 - 10 * s**3} for s in config.grid],
     }
     # drops 0.0, 0.01, 0.08, 0.27, 0.64, 1.25: essential 0.4
-    levels = sweep.refinement_of(record, sweep_config.parse_pattern("global"), config)
+    levels = sweep_plan.refinement_of(record, sweep_config.parse_pattern("global"), config)
     np.testing.assert_allclose(levels, [0.425, 0.45, 0.475])
-    assert sweep.refinement_of(record, sweep_config.parse_pattern("2:4"), config) == []
+    assert sweep_plan.refinement_of(record, sweep_config.parse_pattern("2:4"), config) == []
 
 
 def test_refinement_levels_are_evaluated_and_resumed(tmp_path, data_dir, monkeypatch):
-    config = tiny_config(data_dir)
-    config.models = ml_collections.ConfigDict({"bert": config.models.bert})
-    config.models.bert.tasks = ("wordsim353",)
-    config.models.bert.scorers = ("magnitude",)
-    config.models.bert.patterns = ("global",)
+    config = one_curve_config(data_dir)
     config.refine = 2
-    monkeypatch.setattr(sweep, "refinement_of", lambda record, pattern, config: [0.4, 0.5])
+    monkeypatch.setattr(sweep_plan, "refinement_of", lambda record, pattern, config: [0.4, 0.5])
     run = sweep.run(config, tmp_path, progress=False)["runs"][0]
     assert [lv["sparsity"] for lv in run["levels"]] == [0.0, 0.3, 0.4, 0.5, 0.6, 0.9]
     assert run["levels"][3]["measured_sparsity"] == pytest.approx(0.5, abs=1e-3)

@@ -3,6 +3,7 @@ that a refused checkpoint leaves the model as it was."""
 
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
+from typing import Any
 
 import jax
 import numpy as np
@@ -15,17 +16,9 @@ from es_jax import models
 @pytest.fixture(scope="session")
 def tiny_bert() -> Mapping:
     """The Hugging Face config fields of a tiny BERT (read-only): 2 layers, hidden size 32."""
-    return MappingProxyType(
-        dict(
-            vocab_size=97,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=40,
-            type_vocab_size=2,
-        )
-    )
+    fields = {**models.TINY_HF_CONFIGS["bert"], "vocab_size": 97, "num_attention_heads": 4}
+    fields.pop("model_type")
+    return MappingProxyType({**fields, "max_position_embeddings": 40, "type_vocab_size": 2})
 
 
 @pytest.fixture(scope="session")
@@ -55,5 +48,17 @@ def assert_refused_untouched() -> Callable[[nnx.Module, dict, str], None]:
         after = jax.tree.leaves(nnx.state(model, nnx.Param))
         for old, new in zip(before, after, strict=True):
             np.testing.assert_array_equal(old, np.asarray(new))
+
+    return check
+
+
+@pytest.fixture(scope="session")
+def assert_config_round_trips() -> Callable[[Any, type, Mapping], None]:
+    """A check that a family's config goes to transformers' config class and back unchanged."""
+
+    def check(family: Any, hf_class: type, fields: Mapping) -> None:
+        config = family.config_from_hf(dict(fields))
+        hf = hf_class(**family.config_to_hf(config)).to_dict()
+        assert family.config_from_hf(hf) == config
 
     return check

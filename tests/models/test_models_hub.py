@@ -195,16 +195,13 @@ def test_prunable_and_dtype_options(tiny_folder):
 
 def test_gguf_paths_go_through_the_gguf_reader(tmp_path, monkeypatch):
     torch.manual_seed(0)
-    hf_config = dict(
-        model_type="llama",
-        vocab_size=40,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
+    hf_config = {
+        **models.TINY_HF_CONFIGS["llama"],
+        "vocab_size": 40,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+    }
     theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config)).eval()
     tensors = {k: v.numpy() for k, v in theirs.state_dict().items() if k != "lm_head.weight"}
     marker = object()

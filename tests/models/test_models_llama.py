@@ -140,10 +140,8 @@ def test_export_loads_in_transformers_with_same_logits_and_zeros(name, sparsity,
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_config_round_trips_through_transformers(name):
-    config = llama.config_from_hf(CONFIGS[name])
-    hf = transformers.LlamaConfig(**llama.config_to_hf(config)).to_dict()
-    assert llama.config_from_hf(hf) == config
+def test_config_round_trips_through_transformers(name, assert_config_round_trips):
+    assert_config_round_trips(llama, transformers.LlamaConfig, CONFIGS[name])
 
 
 def test_missing_tensor_is_refused_and_nothing_loaded(assert_refused_untouched):

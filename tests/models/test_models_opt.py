@@ -169,10 +169,8 @@ def test_classification_loads_a_causal_lm_checkpoint_with_a_fresh_head():
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_config_round_trips_through_transformers(name):
-    config = opt.config_from_hf(CONFIGS[name])
-    hf = transformers.OPTConfig(**opt.config_to_hf(config)).to_dict()
-    assert opt.config_from_hf(hf) == config
+def test_config_round_trips_through_transformers(name, assert_config_round_trips):
+    assert_config_round_trips(opt, transformers.OPTConfig, CONFIGS[name])
 
 
 def test_missing_tensor_is_refused_and_nothing_loaded(assert_refused_untouched):

@@ -14,15 +14,13 @@ from es_jax import models, pruning
 from es_jax.models import vit
 
 TOL = 1e-4
-TINY = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    image_size=16,
-    patch_size=4,
-    num_channels=3,
-)
+TINY = {
+    **{k: v for k, v in models.TINY_HF_CONFIGS["vit"].items() if k != "model_type"},
+    "num_attention_heads": 4,
+    "image_size": 16,
+    "patch_size": 4,
+    "num_channels": 3,
+}
 
 
 @nnx.jit

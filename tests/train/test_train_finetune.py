@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from es_jax import pruning
+from es_jax import models, pruning
 from es_jax.models import bert
 from es_jax.train import finetune as ft
 
-CONFIG = bert.BertConfig(
-    vocab_size=64,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    max_position_embeddings=16,
+CONFIG = bert.config_from_hf(
+    {
+        **models.TINY_HF_CONFIGS["bert"],
+        "vocab_size": 64,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 16,
+    }
 )
 SEQ_LEN, BATCH, EPOCHS = 12, 16, 6
 

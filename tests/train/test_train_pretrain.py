@@ -1,4 +1,4 @@
-"""MLM pre-training pieces: 80/10/10 masking, loss, schedule, sharding, save steps, vocabulary."""
+"""MLM pre-training pieces: 80/10/10 masking, loss, schedule, sharded steps, save steps, config."""
 
 import importlib.util
 import json
@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from es_jax.mesh import batch_sharding, global_batch, make_mesh
 from es_jax.train import checkpointing, pretrain
 from es_jax.train.mlm import mask_tokens, mlm_loss
 
@@ -89,19 +90,11 @@ def test_learning_rate_warms_up_then_decays_linearly_to_zero(smoke_config):
     assert float(schedule(total)) == pytest.approx(0.0)
 
 
-def test_fsdp_shards_the_largest_divisible_axis():
-    assert pretrain.leaf_spec((1000, 64), 8, fsdp=True) == jax.sharding.PartitionSpec("data", None)
-    assert pretrain.leaf_spec((30, 256), 8, fsdp=True) == jax.sharding.PartitionSpec(None, "data")
-    assert pretrain.leaf_spec((1001, 63), 8, fsdp=True) == jax.sharding.PartitionSpec()
-    assert pretrain.leaf_spec((16,), 8, fsdp=True) == jax.sharding.PartitionSpec()
-    assert pretrain.leaf_spec((1000, 64), 8, fsdp=False) == jax.sharding.PartitionSpec()
-
-
 def train_two_steps(config, fsdp: bool):
     """Two train steps of the smoke model on a fixed batch over all devices."""
     with config.unlocked():
         config.fsdp = fsdp
-    mesh = pretrain.make_mesh()
+    mesh = make_mesh()
     optimizer = pretrain.make_optimizer(config)
     graphdef, _, shardings, rest = pretrain.initial_layout(config, VOCAB, optimizer, mesh)
     state = jax.jit(lambda: pretrain.init_train_state(pretrain.build_model(config, VOCAB),
@@ -112,8 +105,7 @@ def train_two_steps(config, fsdp: bool):
                                    np.arange(5, dtype=np.int32))
     tokenizer = type("Tokenizer", (), {"mask_token_id": MASK_ID})
     step = pretrain.compiled_step(config, graphdef, optimizer, tokenizer, VOCAB, mesh, shardings)
-    data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    sharded = pretrain.global_batch(batch, data_sharding)
+    sharded = global_batch(batch, batch_sharding(mesh))
     losses = []
     for _ in range(2):
         state, metrics = step(state, sharded, rest)
@@ -150,18 +142,6 @@ def test_decay_spares_biases_and_norms():
     updates, _ = optimizer.update(zero_grads, optimizer.init(params), params)
     assert float(updates["dense"]["bias"][0]) == 0.0
     assert float(updates["dense"]["kernel"][0, 0]) < 0.0
-
-
-def test_wordpiece_vocabulary_is_reproducible(tmp_path):
-    texts = ["the cat sat on the mat", "a dog ran in the park", "cats and dogs"] * 20
-    first = pretrain.train_wordpiece(texts, 60, tmp_path / "a.json")
-    pretrain.train_wordpiece(texts, 60, tmp_path / "b.json")
-    assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
-    tokenizer = pretrain.WordPieceTokenizer(tmp_path / "a.json")
-    ids = tokenizer(["the cat"])["input_ids"][0]
-    assert ids[0] == tokenizer.cls_token_id
-    assert ids[-1] == tokenizer.sep_token_id
-    assert [first.id_to_token(i) for i in range(5)] == list(pretrain.SPECIAL_TOKENS)
 
 
 def test_run_only_keys_may_change_but_others_may_not(tmp_path, smoke_config):

@@ -12,6 +12,8 @@ from pathlib import Path
 import jax
 import pytest
 
+from es_jax.analysis.plots import plot_training_loss
+from es_jax.commands import command_line
 from es_jax.train import checkpointing, pretrain
 
 SMOKE = str(Path(__file__).parents[2] / "configs" / "pretrain_smoke.py")
@@ -53,7 +55,8 @@ def reference(tmp_path_factory, worker_id) -> tuple[Path, dict]:
     with open(root / "pretrain_smoke_reference.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (workdir / "results.json").exists():
-            config, _ = pretrain.parse_flags(["--config", SMOKE, "--workdir", str(workdir)])
+            argv = ["--config", SMOKE, "--workdir", str(workdir)]
+            config, _ = command_line.parse("pretrain", argv)
             pretrain.train_and_evaluate(config, workdir)
     return workdir, final_state(workdir)
 
@@ -113,11 +116,13 @@ def test_corrupt_checkpoint_is_skipped_with_a_warning(reference, tmp_path):
     corrupt = workdir / checkpointing.CHECKPOINT_DIR / str(TOTAL_STEPS) / "state"
     for data_file in (corrupt / "d").iterdir():
         data_file.write_bytes(data_file.read_bytes()[:7])
-    config, _ = pretrain.parse_flags(["--config", SMOKE, "--workdir", str(workdir)])
+    config, _ = command_line.parse("pretrain", ["--config", SMOKE, "--workdir", str(workdir)])
     with pytest.warns(UserWarning, match=rf"checkpoints/{TOTAL_STEPS}\b.*could not be read"):
         summary = pretrain.train_and_evaluate(config, workdir)
     assert summary["resumed_from"] == 20
-    assert (workdir / "loss.png").stat().st_size > 0
+    # The command layer draws the loss curve from the resumed run's log.
+    loss_plot = plot_training_loss(workdir / pretrain.LOG_FILE, workdir / "loss.png", "run")
+    assert loss_plot.stat().st_size > 0
     assert (workdir / checkpointing.CORRUPT_DIR / str(TOTAL_STEPS)).exists()
     assert_bitwise_equal(final_state(workdir), expected)
 
@@ -127,10 +132,10 @@ def test_other_config_in_existing_workdir_is_refused(reference, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(source, workdir)
     changed = ["--config", SMOKE, "--workdir", str(workdir), "--config.learning_rate=0.5"]
-    config, _ = pretrain.parse_flags(changed)
+    config, _ = command_line.parse("pretrain", changed)
     with pytest.raises(ValueError, match=r"learning_rate: 0\.001 -> 0\.5"):
         pretrain.train_and_evaluate(config, workdir)
-    forced, _ = pretrain.parse_flags([*changed, "--force"])
+    forced, _ = command_line.parse("pretrain", [*changed, "--config.force=True"])
     assert pretrain.train_and_evaluate(forced, workdir)["resumed_from"] == TOTAL_STEPS
 
 
@@ -139,8 +144,8 @@ def test_forced_config_of_another_model_keeps_the_checkpoints(reference, tmp_pat
     workdir = tmp_path / "run"
     shutil.copytree(source, workdir)
     other_model = ["--config", SMOKE, "--workdir", str(workdir), "--config.model.hidden_size=16",
-                   "--force"]
-    config, _ = pretrain.parse_flags(other_model)
+                   "--config.force=True"]
+    config, _ = command_line.parse("pretrain", other_model)
     with pytest.raises(ValueError, match="another shape or structure"):
         pretrain.train_and_evaluate(config, workdir)
     assert not (workdir / checkpointing.CORRUPT_DIR).exists()

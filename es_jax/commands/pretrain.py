@@ -1,0 +1,44 @@
+"""`es-jax pretrain`: pre-training with Orbax checkpoints that resume exactly.
+
+    es-jax pretrain --config configs/pretrain_smoke.py --workdir runs/smoke [--config.key=value ...]
+
+Trains (`es_jax.train.pretrain`), saving checkpoints under `WORKDIR/checkpoints/`; the same
+command run again resumes from the newest readable checkpoint. Writes `results.json` (the last
+logged metrics and timing), `train_log.jsonl` and `loss.png`. A workdir that holds another
+config is refused unless `--config.force=True`. Every host of a pod runs the same command
+(`--config.distributed=True`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+
+from es_jax.commands import command_line
+
+SUMMARY = "Pre-training (MLM) with Orbax checkpoints at many steps; re-run to resume."
+DEFAULT_CONFIG = None  # --config is required: configs/pretrain_*.py
+
+
+def main(argv: Sequence[str]) -> None:
+    """`es-jax pretrain`: parses the command line and pre-trains (or resumes)."""
+    config, workdir = command_line.parse("pretrain", argv, DEFAULT_CONFIG)
+    summary = run(config, workdir)
+    print(json.dumps({k: v for k, v in summary.items() if k != "checkpoints"}))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Pre-trains (or resumes) to `config.total_steps`; the loss plot; returns the summary."""
+    from es_jax.analysis import plots
+    from es_jax.train import pretrain
+
+    workdir = Path(workdir).absolute()
+    summary = pretrain.train_and_evaluate(config, workdir)
+    if jax.process_index() == 0:
+        plots.plot_training_loss(workdir / pretrain.LOG_FILE, workdir / "loss.png", workdir.name)
+    return summary
