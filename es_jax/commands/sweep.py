@@ -15,7 +15,7 @@ the end: essential sparsity and knee per run, a CSV, a summary and plots.
 
 from __future__ import annotations
 
-import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,10 +37,12 @@ from es_jax.commands.sweep_config import (
 )
 from es_jax.commands.sweep_results import (
     ResultsStore,
+    exclusive,
     finalise,
     fingerprint,
     level_of,
     levels_table,
+    read_results,
     run_id,
     summary_table,
     write_csv,
@@ -65,32 +67,52 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool =
     validate(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    store = ResultsStore(workdir, config)
     start = time.perf_counter()
-    loads = sweep_plan.plan(config, store.runs)
-    with tqdm(total=sweep_plan.evaluations(loads), disable=not progress, unit="eval") as bar:
-        for load in loads:
-            execute(load, config, store, bar, workdir)
-    finish(config, store, workdir)
-    results = json.loads(store.path.read_text())
+    with exclusive(workdir):
+        store = ResultsStore(workdir, config)
+        check_stale(config, store)
+        loads = sweep_plan.plan(config, store.runs)
+        with tqdm(total=sweep_plan.evaluations(loads), disable=not progress, unit="eval") as bar:
+            for load in loads:
+                execute(load, config, store, bar, workdir)
+        finish(config, store, workdir)
+    results = read_results(store.path)
     results["seconds"] = time.perf_counter() - start
     return results
 
 
-def finish(config: ml_collections.ConfigDict, store: ResultsStore, workdir: Path) -> None:
-    """Essential sparsity of every run of the config; results.json, CSV, summary and plots."""
-    from es_jax.analysis import plots
-
-    wanted = {
+def run_ids(config: ml_collections.ConfigDict) -> list[str]:
+    """The ids of every run of the config, in config order."""
+    return [
         run_id(key, t, p, s)
         for key, settings in config.models.items()
         for t in settings.tasks
         for p in settings.patterns
         for s in settings.scorers
-    }
-    runs = [finalise(store.runs[rid], config.epsilon) for rid in store.runs if rid in wanted]
-    store.runs = {r["id"]: r for r in runs}
+    ]
+
+
+def check_stale(config: ml_collections.ConfigDict, store: ResultsStore) -> None:
+    """Refuses to recompute stored runs that the config computes with other settings, unless
+    `config.overwrite`: a results store never drops a run it was not told to."""
+    stale = sweep_plan.stale_runs(config, store.runs)
+    if stale and not config.overwrite:
+        raise ValueError(
+            f"{store.path} holds {len(stale)} run(s) of this config computed with other settings "
+            f"(another model, data or batch setting, seed or data_dir): {stale[:3]}; pass "
+            "--config.overwrite=True to recompute and replace them, or use another --workdir."
+        )
+
+
+def finish(config: ml_collections.ConfigDict, store: ResultsStore, workdir: Path) -> None:
+    """Essential sparsity of every run of the config; results.json; the CSV, summary and plots
+    of every complete run the store holds (this config's and any other's)."""
+    from es_jax.analysis import plots
+
+    for rid in run_ids(config):
+        finalise(store.runs[rid], config.epsilon)
     store.save()
+    runs = [run for run in store.runs.values() if "essential_sparsity" in run]
     write_csv(runs, workdir / "results.csv")
     plots.plot_drops(runs, workdir / "drops.png")
     (workdir / "summary.md").write_text(summary_table(runs) + "\n\n" + levels_table(runs) + "\n")
@@ -375,7 +397,8 @@ def dense_values(
     for name in load.tasks:
         if name in load.dense:
             bar.set_description(f"{prepared.key}/{name} dense")
-            values[name] = prepared.value(name, prepared.params, None)
+            value = prepared.value(name, prepared.params, None)
+            values[name] = finite(value, f"{prepared.key}/{name} dense")
             bar.update(1)
         else:
             values[name] = sweep_plan.stored_dense(store.runs, prepared.key, settings, name, stamp)
@@ -416,9 +439,21 @@ def evaluate_levels(
         for name in level.tasks:
             context.bar.set_description(f"{prepared.key}/{name} {label} {level.sparsity:.2f}")
             value = prepared.value(name, pruned, mask)
+            value = finite(value, f"{prepared.key}/{name} at {level.sparsity:g} sparsity")
             records[name]["levels"].append(level_record(level.sparsity, sparsity, value))
             context.store.save()
             context.bar.update(1)
+
+
+def finite(value: float, label: str) -> float:
+    """The value as a float; ValueError naming where it came from when it is not finite."""
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(
+            f"{label}: the metric is {value}, not a finite number; nothing was stored for it. "
+            "Check the task's data (enough examples for its metric) and the model's weights."
+        )
+    return value
 
 
 def level_record(sparsity: float, measured_sparsity: tuple[float, float], value: float) -> dict:

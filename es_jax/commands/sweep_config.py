@@ -24,6 +24,7 @@ from es_jax.evaluate import tasks as task_registry
 SCORERS = ("magnitude", "wanda", "random")
 NAMED_PATTERNS = ("global", "layerwise")
 N_OF_M = re.compile(r"^(\d+):(\d+)$")
+MIN_SPEARMAN = 3  # examples a Spearman correlation needs to be a finite number
 FREE_FORM = ("tiny", "finetune")  # model settings whose keys are not fixed in advance
 # Families by the model kind a task needs (see tasks.ENCODER etc.).
 HEAD_FAMILIES = {
@@ -93,6 +94,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.seed = 0
     config.data_dir = ""  # '' = $ES_JAX_DATA_DIR or ~/tensorflow_datasets
     config.plot_sparsity = 0.5  # the level whose mask the per-layer and component plots show
+    # Recompute (and replace) stored runs of this config that were computed with other settings;
+    # by default a sweep refuses, so that a results.json never loses a run it was not told to.
+    config.overwrite = False
     config.models = ml_collections.ConfigDict()
     config.models.minilm = model_settings(
         name="minilm",
@@ -256,6 +260,18 @@ def finetune_config(task_name: str, settings: Any) -> Any:
     return finetune.finetune_config(paper_task(task_name), **overrides)
 
 
+def check_examples(key: str, settings: ml_collections.ConfigDict) -> None:
+    """Refuses `max_examples` too small for a task's metric to be a finite number: a Spearman
+    correlation needs at least 3 pairs (Lee: 3 documents give 3 pairs)."""
+    count = settings.max_examples
+    for task_name in settings.tasks:
+        if task_registry.get(task_name).metric == "spearman" and 0 < count < MIN_SPEARMAN:
+            raise ValueError(
+                f"models.{key}.max_examples={count}: {task_name} is scored by a Spearman "
+                f"correlation, which needs at least {MIN_SPEARMAN} examples (0 = all)."
+            )
+
+
 def validate(config: ml_collections.ConfigDict) -> dict[str, str]:
     """Checks the whole config; returns {model key: family}. ValueError before any work."""
     unknown = sorted(set(config.keys()) - TOP_LEVEL_KEYS)
@@ -288,6 +304,7 @@ def validate(config: ml_collections.ConfigDict) -> dict[str, str]:
         for name in ("batch_size", "max_length", "word_max_length", "lm_length", "lm_blocks"):
             if settings[name] <= 0:
                 raise ValueError(f"models.{key}.{name} must be positive, got {settings[name]}.")
+        check_examples(key, settings)
         family = family_name(model_type(settings))
         for task_name in settings.tasks:
             task = task_registry.get(task_name)

@@ -69,6 +69,21 @@ def plan(config: ml_collections.ConfigDict, runs: Mapping[str, dict]) -> list[Lo
     return loads
 
 
+def stale_runs(config: ml_collections.ConfigDict, runs: Mapping[str, dict]) -> list[str]:
+    """The ids of stored runs of the config whose fingerprint differs: computed with other
+    settings, so the plan would compute them again."""
+    stale = []
+    for key, settings in config.models.items():
+        stamp = fingerprint(key, settings, config)
+        for task in settings.tasks:
+            for pattern in settings.patterns:
+                for scorer in settings.scorers:
+                    rid = run_id(key, task, pattern, scorer)
+                    if rid in runs and current(runs, rid, stamp) is None:
+                        stale.append(rid)
+    return stale
+
+
 def evaluations(loads: Sequence[Load]) -> int:
     """How many evaluations the loads hold: dense values plus (level, task) pairs."""
     return sum(

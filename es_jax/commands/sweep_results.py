@@ -1,8 +1,9 @@
 """The sweep's results: results.json rewritten atomically after every level, the CSV and tables.
 
 `ResultsStore` holds one record per run (model/task/pattern/scorer, keyed by `run_id`) with its
-dense value and levels, reset when the `fingerprint` of what changes a value differs, and saves
-it through `write_atomically` so a crash never leaves a half-written file; `finalise` adds drops,
+dense value and levels, keeps every run it holds (whatever config wrote it), and saves it as
+strict JSON through `write_atomically` so a crash never leaves a half-written file; `exclusive`
+lets one sweep at a time write a workdir; `finalise` adds drops,
 essential sparsity and knee to a record; `write_csv`, `summary_table` and `levels_table` turn the
 finished runs into results.csv and the Markdown of summary.md. `SCHEMA_VERSION` is the version of
 the results.json layout.
@@ -10,12 +11,15 @@ the results.json layout.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import hashlib
 import json
 import os
+import socket
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,8 @@ import numpy as np
 from es_jax.analysis import essential
 
 SCHEMA_VERSION = 1
+RESULTS_FILE = "results.json"
+LOCK_FILE = ".sweep.lock"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,16 +65,19 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 class ResultsStore:
-    """The sweep's results.json: runs keyed by run_id, saved after every change."""
+    """The sweep's results.json: runs keyed by run_id, saved after every change.
+
+    It keeps every run it holds, whatever config wrote it: a sweep adds and completes the runs
+    of its own config and leaves the others as they are. A run is reset only when its config
+    computes it with other settings (another fingerprint) and the sweep is told to overwrite.
+    """
 
     def __init__(self, workdir: Path, config: ml_collections.ConfigDict):
-        self.path = workdir / "results.json"
+        self.path = workdir / RESULTS_FILE
         self.config = config
-        self.runs: dict[str, dict] = {}
-        self.compilations: dict[str, int] = {}
-        if self.path.is_file():
-            previous = json.loads(self.path.read_text())
-            self.runs = {r["id"]: r for r in previous.get("runs", [])}
+        previous = read_results(self.path)
+        self.runs: dict[str, dict] = {r["id"]: r for r in previous.get("runs", [])}
+        self.compilations: dict[str, int] = dict(previous.get("compilations", {}))
 
     def run(self, model: str, task: Any, pattern: str, scorer: str, stamp: str) -> dict:
         """The run record, created (or reset when its fingerprint changed) on first use."""
@@ -92,14 +101,78 @@ class ResultsStore:
         return record
 
     def save(self) -> None:
-        """Rewrites results.json atomically."""
+        """Rewrites results.json atomically, as strict JSON (a non-finite number is an error)."""
         document = {
             "schema_version": SCHEMA_VERSION,
             "config": self.config.to_dict(),
             "compilations": self.compilations,
             "runs": list(self.runs.values()),
         }
-        write_atomically(self.path, json.dumps(document, indent=1, default=_json_default) + "\n")
+        try:
+            text = json.dumps(document, indent=1, default=_json_default, allow_nan=False)
+        except ValueError as error:
+            message = f"{self.path}: refusing to write a non-finite number ({error})."
+            raise ValueError(message) from None
+        write_atomically(self.path, text + "\n")
+
+
+def read_results(path: Path) -> dict:
+    """What a results.json holds ({} when there is none); ValueError naming the file when it is
+    not a sweep's results."""
+    if not path.exists():
+        return {}
+    try:
+        document = json.loads(path.read_text(), parse_constant=_refuse_constant)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"{path} cannot be read as a sweep's results ({first_line(error)}); move it away or "
+            "use another --workdir."
+        ) from None
+    runs = document.get("runs") if isinstance(document, dict) else None
+    if not isinstance(runs, list) or not all(isinstance(r, dict) and "id" in r for r in runs):
+        raise ValueError(
+            f"{path} is not a sweep's results (no list of runs with ids); move it away or use "
+            "another --workdir."
+        )
+    return document
+
+
+def _refuse_constant(name: str) -> float:
+    """Refuses NaN and Infinity in results.json (strict JSON)."""
+    raise ValueError(f"a non-finite number ({name})")
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message."""
+    return (str(error).splitlines() or [type(error).__name__])[0]
+
+
+@contextlib.contextmanager
+def exclusive(workdir: Path) -> Iterator[None]:
+    """Holds the workdir's lock for one sweep; ValueError if another process holds it.
+
+    The lock is an `flock` on `WORKDIR/.sweep.lock`, which the operating system releases when its
+    holder ends, however it ends (SIGKILL included): a lock file left behind never blocks.
+    """
+    path = workdir / LOCK_FILE
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ValueError(
+                f"{workdir} is in use by another es-jax sweep ({holder}); wait for it to finish, "
+                "or use another --workdir."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _json_default(value: Any) -> Any:
