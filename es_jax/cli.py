@@ -2,7 +2,8 @@
 
 A command module is imported only when chosen, so `es-jax pretrain` never pays for the sweep's
 imports. Whatever a command refuses (a bad command line, a bad config, bad input) arrives as a
-ValueError and is printed as one line, never a traceback.
+ValueError and is printed as one line, never a traceback; so is an OSError (a file that cannot be
+read or written, a full disk), named by its path.
 """
 
 from __future__ import annotations
@@ -56,6 +57,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         module.main(rest)
     except ValueError as error:
         sys.exit(f"es-jax {name}: {error}")
+    except OSError as error:
+        sys.exit(f"es-jax {name}: {os_error_line(error)}")
+
+
+def os_error_line(error: OSError) -> str:
+    """An OSError as one line: the path it concerns and the system's reason."""
+    if error.filename is None:
+        return str(error)
+    return f"{error.filename}: {error.strerror or type(error).__name__}."
 
 
 if __name__ == "__main__":

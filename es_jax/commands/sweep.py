@@ -65,7 +65,7 @@ def main(argv: Sequence[str]) -> None:
 def run(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool = True) -> dict:
     """Runs (or resumes) the sweep; writes results.json, results.csv and plots; returns results."""
     validate(config)
-    workdir = Path(workdir)
+    workdir = command_line.check_workdir(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with exclusive(workdir):

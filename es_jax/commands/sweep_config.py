@@ -211,7 +211,10 @@ def parse_pattern(text: str) -> Pattern:
 
 def check_grid(grid: Sequence[float], where: str = "grid") -> tuple[float, ...]:
     """The grid as sorted unique floats in [0, 1); ValueError if empty or out of range."""
-    values = tuple(sorted({float(s) for s in grid}))
+    try:
+        values = tuple(sorted({float(s) for s in grid}))
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} holds {list(grid)}, not sparsities such as 0.0,0.5.") from None
     if not values:
         raise ValueError(f"{where} is empty; give sparsities such as 0.0,0.1,...,0.9.")
     bad = [s for s in values if not 0.0 <= s < 1.0]
@@ -307,7 +310,10 @@ def validate(config: ml_collections.ConfigDict) -> dict[str, str]:
         check_examples(key, settings)
         family = family_name(model_type(settings))
         for task_name in settings.tasks:
-            task = task_registry.get(task_name)
+            try:
+                task = task_registry.get(task_name)
+            except ValueError as error:
+                raise ValueError(f"models.{key}.tasks: {error}") from None
             if task.protocol == "finetune":
                 finetune_config(task_name, settings)
             if family not in HEAD_FAMILIES[task.head]:

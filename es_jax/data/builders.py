@@ -66,8 +66,22 @@ def word_pair_lines(path: Path) -> Iterator[tuple[str, str, float]]:
     for line in read_lines(path):
         if line.startswith("#"):
             continue
-        word1, word2, score = line.split("\t")
-        yield word1, word2, float(score)
+        fields = line.split("\t")
+        if len(fields) != 3 or not _is_number(fields[2]):
+            raise ValueError(
+                f"{path}: expected 'word1<TAB>word2<TAB>score' lines, found {line!r}; the file "
+                "is corrupt: reinstall gensim"
+            )
+        yield fields[0], fields[1], float(fields[2])
+
+
+def _is_number(text: str) -> bool:
+    """Whether `text` reads as a float."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def lee_human_matrix(path: Path) -> np.ndarray:

@@ -8,6 +8,7 @@ fresh head and masked fine-tuning first, which the sweep does before calling the
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -78,7 +79,9 @@ TASKS: dict[str, Task] = {
 def get(name: str) -> Task:
     """The task of this name; ValueError listing the known tasks otherwise."""
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks are {sorted(TASKS)}.")
+        close = difflib.get_close_matches(str(name), TASKS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown task {name!r}{hint}; known tasks are {sorted(TASKS)}.")
     return TASKS[name]
 
 

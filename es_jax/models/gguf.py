@@ -2,7 +2,8 @@
 
 `read_gguf(path)` returns what a Hugging Face folder would hold: a `config.json` dict, the weights
 under HF Llama names (dequantised to fp32, q/k rows back in HF's rotate-half order) and a fast
-tokenizer built offline from the GGUF metadata. `llama.load_hf_tensors` then loads them.
+tokenizer built offline from the GGUF metadata. `llama.load_hf_tensors` then loads them. A file
+that is truncated, not GGUF or of an unsupported kind is a ValueError naming it.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def read_gguf(
     """Reads a Llama GGUF file as (HF config dict, HF-named fp32 tensors, tokenizer)."""
     if not os.path.isfile(path):
         raise ValueError(f"GGUF file {os.fspath(path)!r} does not exist")
-    reader = gguf.GGUFReader(path)
+    reader = open_reader(path)
     metadata = read_metadata(reader)
     architecture = metadata.get("general.architecture")
     if architecture not in SUPPORTED_ARCHITECTURES:
@@ -72,12 +73,29 @@ def read_gguf(
             f"{os.fspath(path)}: GGUF architecture {architecture!r} is not supported; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    check_quantization_types(reader)
-    tensor_names = [tensor.name for tensor in reader.tensors]
-    hf_config = hf_config_from_metadata(metadata, tensor_names)
-    tensors = hf_tensors(reader, hf_config)
-    tokenizer = tokenizer_from_metadata(metadata)
+    try:
+        check_quantization_types(reader)
+        tensor_names = [tensor.name for tensor in reader.tensors]
+        hf_config = hf_config_from_metadata(metadata, tensor_names)
+        tensors = hf_tensors(reader, hf_config)
+        tokenizer = tokenizer_from_metadata(metadata)
+    except KeyError as error:
+        raise ValueError(f"{os.fspath(path)}: GGUF metadata lacks {error}") from error
+    except ValueError as error:
+        raise ValueError(f"{os.fspath(path)}: {error}") from error
     return hf_config, tensors, tokenizer
+
+
+def open_reader(path: str | os.PathLike) -> gguf.GGUFReader:
+    """The file's GGUF reader; ValueError naming the file if it is truncated or not GGUF."""
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as error:  # the reader fails in many ways (struct, numpy, enum) on bad bytes
+        raise ValueError(
+            f"{os.fspath(path)} cannot be read as GGUF ({type(error).__name__}: "
+            f"{str(error).strip().rstrip('.') or 'no details'}; {os.path.getsize(path)} bytes); "
+            "the file is truncated or corrupt: download or copy it again."
+        ) from error
 
 
 def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:

@@ -7,7 +7,9 @@ back as HF safetensors + config.json that transformers' PyTorch classes load.
 
 The family of a `model_type` (`family_for`), of a model (`family_of`) or of a parameter tree's
 paths (`family_of_paths`) is one of `FAMILIES`, each of which fulfils `family.Family`. GGUF files
-need the optional `gguf` package, imported only when one is read.
+need the optional `gguf` package, imported only when one is read. A name that is no model, and a
+missing, truncated or corrupt file (config.json, tokenizer files, weights), is a ValueError of one
+line naming the path and what was expected.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from es_jax.models import bert, hf_names, llama, opt, vit
@@ -91,6 +93,11 @@ CONFIG = "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
 GGUF_EXTRA = "pip install 'es-jax[gguf]'"
+EXPECTED = (
+    f"a bundled name ({', '.join(BUNDLED)}), a Hugging Face model folder (config.json and "
+    f"{SAFETENSORS}), a .gguf file, or a hub id"
+)
+CORRUPT = "the file is truncated or corrupt; download or copy the model again"
 
 
 def family_for(model_type: str | None) -> ModuleType:
@@ -163,8 +170,21 @@ def prunable(model: nnx.Module) -> str:
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """All tensors of one safetensors file as numpy arrays (bfloat16 kept as ml_dtypes)."""
-    with safe_open(os.fspath(path), framework="flax") as f:
-        return {name: np.asarray(f.get_tensor(name)) for name in f.keys()}  # noqa: SIM118
+    try:
+        with safe_open(os.fspath(path), framework="flax") as f:
+            return {name: np.asarray(f.get_tensor(name)) for name in f.keys()}  # noqa: SIM118
+    except SafetensorError as error:
+        raise ValueError(
+            f"{os.fspath(path)} cannot be read as safetensors ({error}); {CORRUPT}."
+        ) from error
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's contents; ValueError naming the file if it is not valid JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); {CORRUPT}.") from error
 
 
 def read_torch_bin(path: Path) -> dict[str, np.ndarray]:
@@ -176,7 +196,13 @@ def read_torch_bin(path: Path) -> dict[str, np.ndarray]:
         )
     import torch
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many kinds (pickle, zip, runtime) for a bad file
+        raise ValueError(
+            f"{path} cannot be read as a PyTorch state dict ({type(error).__name__}: "
+            f"{first_line(error)}); {CORRUPT}."
+        ) from error
     return {
         name: (tensor.float() if tensor.is_floating_point() else tensor).numpy()
         for name, tensor in state.items()
@@ -188,11 +214,10 @@ def read_weights(folder: Path) -> dict[str, np.ndarray]:
     if (folder / SAFETENSORS).is_file():
         return read_safetensors(folder / SAFETENSORS)
     if (folder / SAFETENSORS_INDEX).is_file():
-        index = json.loads((folder / SAFETENSORS_INDEX).read_text())
         tensors: dict[str, np.ndarray] = {}
-        for shard in sorted(set(index["weight_map"].values())):
+        for shard in shard_names(folder / SAFETENSORS_INDEX):
             if not (folder / shard).is_file():
-                raise FileNotFoundError(
+                raise ValueError(
                     f"{folder / SAFETENSORS_INDEX} names shard {shard}, which is missing; "
                     "download the complete checkpoint."
                 )
@@ -200,30 +225,61 @@ def read_weights(folder: Path) -> dict[str, np.ndarray]:
         return tensors
     if (folder / PYTORCH_BIN).is_file():
         return read_torch_bin(folder / PYTORCH_BIN)
-    raise FileNotFoundError(
+    raise ValueError(
         f"No weights in {folder}: expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {PYTORCH_BIN}."
     )
+
+
+def shard_names(index_path: Path) -> list[str]:
+    """The shard files a `model.safetensors.index.json` names, sorted."""
+    index = read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index_path} has no \"weight_map\" object; {CORRUPT}.")
+    return sorted(set(weight_map.values()))
 
 
 def read_config(folder: Path) -> dict:
     """config.json of an HF folder as a dict."""
     path = folder / CONFIG
     if not path.is_file():
-        raise FileNotFoundError(
+        raise ValueError(
             f"No {CONFIG} in {folder}; a Hugging Face model folder needs config.json and weights."
         )
-    return json.loads(path.read_text())
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object; {CORRUPT}.")
+    return config
 
 
 def read_tokenizer(folder: Path) -> Any:
     """The folder's fast tokenizer, its image processor, or None when it has neither."""
     import transformers
 
-    if any((folder / name).is_file() for name in TOKENIZER_FILES):
-        return transformers.AutoTokenizer.from_pretrained(folder)
-    if (folder / "preprocessor_config.json").is_file():
-        return transformers.AutoImageProcessor.from_pretrained(folder)
+    present = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    for name in present:
+        if name.endswith(".json"):
+            read_json(folder / name)
+    try:
+        if present:
+            return transformers.AutoTokenizer.from_pretrained(folder)
+        if (folder / "preprocessor_config.json").is_file():
+            read_json(folder / "preprocessor_config.json")
+            return transformers.AutoImageProcessor.from_pretrained(folder)
+    except Exception as error:  # transformers raises many kinds for unreadable tokenizer files
+        files = ", ".join(present) or "preprocessor_config.json"
+        raise ValueError(
+            f"The tokenizer in {folder} ({files}) cannot be loaded ({type(error).__name__}: "
+            f"{first_line(error)}); one of them is truncated or corrupt: download or copy the "
+            "model again."
+        ) from error
     return None
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an error's message (the type's name if it has none)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,7 +313,7 @@ def gguf_module(what: str) -> ModuleType:
 def snapshot(repo_id: str, cache_dir: str | os.PathLike | None) -> Path:
     """A hub model's local snapshot folder (downloads unless HF_HUB_OFFLINE=1)."""
     import huggingface_hub
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     try:
         folder = Path(
@@ -271,11 +327,12 @@ def snapshot(repo_id: str, cache_dir: str | os.PathLike | None) -> Path:
                     repo_id, cache_dir=cache_dir, allow_patterns=[*HUB_PATTERNS, PYTORCH_BIN]
                 )
             )
-    except (LocalEntryNotFoundError, HFValidationError) as error:
+    except (LocalEntryNotFoundError, HFValidationError, HfHubHTTPError) as error:
         raise ValueError(
-            f"{repo_id!r} is not a bundled name ({', '.join(BUNDLED)}), not a local folder or "
-            f".gguf file, and not available from the Hugging Face hub or its cache ({error}). "
-            "Give a local path, or download it first with network access (HF_HUB_OFFLINE unset)."
+            f"Model {repo_id!r} is not a bundled name ({', '.join(BUNDLED)}), not a local folder "
+            f"or .gguf file, and not available from the Hugging Face hub or its cache "
+            f"({type(error).__name__}: {first_line(error)}). Give a local path, or download it "
+            "first with network access (HF_HUB_OFFLINE unset)."
         ) from error
     return folder
 
@@ -288,12 +345,17 @@ def resolve(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise FileNotFoundError(f"GGUF file {path} does not exist.")
+            raise ValueError(f"GGUF file {path.absolute()} does not exist; expected {EXPECTED}.")
         return path
     if path.is_dir():
         return path
+    if path.is_file():
+        raise ValueError(
+            f"Model {path.absolute()} is a file, not a model folder or a .gguf file; "
+            f"expected {EXPECTED}."
+        )
     if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
-        raise FileNotFoundError(f"Model folder {path} does not exist.")
+        raise ValueError(f"Model folder {path.absolute()} does not exist; expected {EXPECTED}.")
     return snapshot(name, cache_dir)
 
 
@@ -383,17 +445,22 @@ def load(
     else:
         hf_config = read_config(location)
         family_for(hf_config.get("model_type"))
+        tokenizer = read_tokenizer(location)  # before the weights: a bad file fails fast
         tensors = read_weights(location)
-        tokenizer = read_tokenizer(location)
-    model = from_hf(
-        hf_config,
-        tensors,
-        task=task,
-        num_labels=num_labels,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        seed=seed,
-    )
+    try:
+        model = from_hf(
+            hf_config,
+            tensors,
+            task=task,
+            num_labels=num_labels,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            seed=seed,
+        )
+    except KeyError as error:  # a field the family needs that config.json lacks
+        raise ValueError(f"{location}: config.json or the weights lack {error}.") from error
+    except (ValueError, TypeError) as error:  # config.json and weights that disagree
+        raise ValueError(f"{location}: {first_line(error)}") from error
     return model, tokenizer
 
 

@@ -1,6 +1,8 @@
 """The offline tfds builders and the readers over them, plus catalogue names through mock data."""
 
 import concurrent.futures
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,3 +134,128 @@ def test_catalogue_names_load_through_tfds(tmp_path, name, split, fields):
         records = data.source(name, split=split, data_dir=tmp_path)
         assert len(records) == 3
         assert set(records[0]) == fields
+
+
+def _one_int_feature(builder):
+    """The DatasetInfo of a test dataset whose records hold one int `x`."""
+    features = tfds.features.FeaturesDict({"x": np.int64})
+    return tfds.core.DatasetInfo(builder=builder, features=features)
+
+
+class EsJaxUnreachable(tfds.core.GeneratorBasedBuilder):
+    """A catalogue dataset whose download fails as it does offline, after writing part of it."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return _one_int_feature(self)
+
+    def _split_generators(self, dl_manager):
+        partial = Path(dl_manager.download_dir) / "es_jax_unreachable" / "data.zip.tmp"
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text("half a download")
+        raise ConnectionError("Failed to resolve 'data.example.invalid'")
+
+    def _generate_examples(self):
+        yield 0, {"x": 0}
+
+
+class EsJaxReachable(tfds.core.GeneratorBasedBuilder):
+    """A catalogue dataset whose download works: three records."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return _one_int_feature(self)
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        for i in range(3):
+            yield i, {"x": i}
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """Downloads allowed: no variable that turns them off is set."""
+    for env in data.sources.OFFLINE_ENVS:
+        monkeypatch.delenv(env, raising=False)
+
+
+def _tree(directory):
+    """Every path below `directory`, relative to it."""
+    return sorted(str(path.relative_to(directory)) for path in directory.rglob("*"))
+
+
+@pytest.mark.parametrize("env", ["ES_JAX_OFFLINE", "HF_DATASETS_OFFLINE"])
+def test_an_unprepared_catalogue_dataset_offline_is_refused_at_once(tmp_path, monkeypatch, env):
+    monkeypatch.setenv(env, "1")
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match="not prepared") as caught:
+        data.source("glue/sst2", split="validation", data_dir=tmp_path / "tfds")
+    message = str(caught.value)
+    assert message.startswith(
+        f"dataset 'glue/sst2' is not prepared in {tmp_path / 'tfds'} and downloads are off "
+        f"({env}=1): prepare it on a machine with network access (`tfds build glue/sst2 "
+        "--data_dir DIR --file_format array_record`"
+    )
+    assert "$ES_JAX_DATA_DIR" in message
+    assert "\n" not in message
+    assert time.perf_counter() - started < 30
+    assert not (tmp_path / "tfds").exists()
+
+
+def test_a_failed_download_leaves_nothing_behind(tmp_path, online):
+    (tmp_path / "prepared" / "1.0.0").mkdir(parents=True)
+    (tmp_path / "downloads" / "other.zip").parent.mkdir()
+    (tmp_path / "downloads" / "other.zip").write_text("kept")
+    before = _tree(tmp_path)
+    with pytest.raises(ValueError, match="could not be downloaded") as caught:
+        data.source("es_jax_unreachable", data_dir=tmp_path)
+    message = str(caught.value)
+    assert message.startswith(
+        f"dataset 'es_jax_unreachable' could not be downloaded into {tmp_path} "
+        "(ConnectionError: Failed to resolve 'data.example.invalid'); prepare it on a machine "
+        "with network access (`tfds build es_jax_unreachable"
+    )
+    assert message.endswith("set ES_JAX_OFFLINE=1 to be told at once.")
+    assert _tree(tmp_path) == before
+
+
+def test_a_failed_download_into_a_new_data_dir_removes_it(tmp_path, online):
+    with pytest.raises(ValueError, match="could not be downloaded"):
+        data.source("es_jax_unreachable", data_dir=tmp_path / "tfds")
+    assert not (tmp_path / "tfds").exists()
+
+
+def test_a_catalogue_dataset_downloads_as_array_record_where_allowed(tmp_path, online):
+    records = data.source("es_jax_reachable", data_dir=tmp_path)
+    assert sorted(int(records[i]["x"]) for i in range(len(records))) == [0, 1, 2]
+    assert list(tmp_path.glob("es_jax_reachable/1.0.0/*.array_record*"))
+
+
+def test_an_unknown_split_of_a_catalogue_dataset_lists_the_splits(tmp_path, online):
+    with pytest.raises(ValueError, match=r"'es_jax_reachable' has no split 'test'; .*\['train'\]"):
+        data.source("es_jax_reachable", split="test", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("name", ["no_such_dataset", "glue/no_such_config"])
+def test_an_unknown_dataset_is_one_line_naming_it(tmp_path, name):
+    with pytest.raises(ValueError, match=rf"^unknown dataset '{name}' \(") as caught:
+        data.source(name, data_dir=tmp_path)
+    assert "\n" not in str(caught.value)
+    assert "glue/sst2" in str(caught.value)
+
+
+@pytest.mark.parametrize("directory", ["/proc/es_jax_data", "/proc"])
+def test_a_data_dir_that_cannot_be_written_is_named(directory):
+    with pytest.raises(ValueError, match=rf"^data dir {directory} cannot be created or written"):
+        data.source("wordsim353", data_dir=directory)
+
+
+def test_a_corrupt_word_pair_file_names_the_file_and_line(tmp_path):
+    path = tmp_path / "pairs.tab"
+    path.write_text("# word1\tword2\tscore\ncat\tdog\t7.5\ncat dog 7.5\n")
+    with pytest.raises(ValueError, match=rf"{path}: expected .*found 'cat dog 7\.5'"):
+        list(builders.word_pair_lines(path))

@@ -194,3 +194,13 @@ def test_smollm2_tokenizer_follows_gguf_vocabulary():
     texts = ["Année 2024: 3.14 ≈ π\n\tdone", "<|im_start|>assistant\nHi!<|im_end|>"]
     for text in texts:
         assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+@pytest.mark.parametrize("keep_bytes", [0, 4096, 1_000_000])
+def test_a_truncated_gguf_file_is_named(tmp_path, keep_bytes):
+    with open(smollm2_path(), "rb") as source:
+        (tmp_path / "smollm2.gguf").write_bytes(source.read(keep_bytes))
+    with pytest.raises(ValueError, match=rf"^{tmp_path}/smollm2\.gguf cannot be read as GGUF "
+                       rf"\(.*; {keep_bytes} bytes\); the file is truncated or corrupt") as caught:
+        read_gguf(tmp_path / "smollm2.gguf")
+    assert "\n" not in str(caught.value)

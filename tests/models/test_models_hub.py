@@ -89,7 +89,7 @@ def test_missing_shard_is_named(tiny_folder, tmp_path):
     shard = "model-00001-of-00002.safetensors"
     index = {"weight_map": {"embeddings.word_embeddings.weight": shard}}
     (tmp_path / hub.SAFETENSORS_INDEX).write_text(json.dumps(index))
-    with pytest.raises(FileNotFoundError, match="model-00001-of-00002"):
+    with pytest.raises(ValueError, match="model-00001-of-00002"):
         models.load(tmp_path)
 
 
@@ -116,14 +116,14 @@ def test_pytorch_bin_without_torch_says_what_to_do(tiny_folder, tmp_path, monkey
 
 
 def test_missing_config_and_missing_weights_are_reported(tiny_folder, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"config\.json"):
+    with pytest.raises(ValueError, match=r"config\.json"):
         models.load(tmp_path)
     shutil.copy(tiny_folder / hub.CONFIG, tmp_path / hub.CONFIG)
-    with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
+    with pytest.raises(ValueError, match=r"model\.safetensors"):
         models.load(tmp_path)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ValueError, match="does not exist"):
         models.load(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="GGUF"):
+    with pytest.raises(ValueError, match="GGUF"):
         models.load(tmp_path / "missing.gguf")
 
 
@@ -266,3 +266,81 @@ def test_bfloat16_safetensors_load_as_float32_parameters(tiny_folder, tmp_path):
     assert kernel.dtype == jnp.float32
     expected = theirs.state_dict()["encoder.layer.1.output.dense.weight"].float().numpy().T
     np.testing.assert_array_equal(np.asarray(kernel), expected)
+
+
+def _minilm_copy(folder, truncated: str, keep_bytes: int):
+    """The bundled MiniLM folder in `folder` (links), with `truncated` cut to its first bytes."""
+    minilm = hub.bundled_location("minilm")
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                 "special_tokens_map.json", "model.safetensors"):
+        if name == truncated:
+            with open(minilm / name, "rb") as source:
+                (folder / name).write_bytes(source.read(keep_bytes))
+        else:
+            (folder / name).symlink_to(minilm / name)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("truncated", "keep_bytes", "message"),
+    [
+        ("config.json", 100, r"config\.json is not valid JSON \(Expecting"),
+        ("tokenizer.json", 1000, r"tokenizer\.json is not valid JSON \(Unterminated string"),
+        ("tokenizer_config.json", 50, r"tokenizer_config\.json is not valid JSON"),
+        ("model.safetensors", 1_000_000, r"model\.safetensors cannot be read as safetensors "
+         r"\(.*incomplete metadata"),
+        ("model.safetensors", 0, r"model\.safetensors cannot be read as safetensors "
+         r"\(.*header too small"),
+    ],
+)
+def test_a_truncated_file_of_a_model_folder_is_named(tmp_path, truncated, keep_bytes, message):
+    folder = _minilm_copy(tmp_path / "minilm", truncated, keep_bytes)
+    with pytest.raises(ValueError, match=rf"^{folder}/{message}.*truncated or corrupt") as caught:
+        models.load(folder)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_config_json_that_is_no_object_is_named(tmp_path):
+    (tmp_path / hub.CONFIG).write_text("[1, 2]")
+    with pytest.raises(ValueError, match=rf"{tmp_path}/config\.json holds a JSON list, not an"):
+        models.load(tmp_path)
+
+
+def test_an_unreadable_tokenizer_names_its_folder_and_files(tmp_path):
+    folder = _minilm_copy(tmp_path / "minilm", "tokenizer.json", 0)
+    (folder / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match=rf"The tokenizer in {folder} \(tokenizer\.json, "
+                       r"tokenizer_config\.json, vocab\.txt\) cannot be loaded"):
+        models.load(folder)
+
+
+def test_weights_that_disagree_with_config_json_name_the_folder(tiny_folder, tmp_path):
+    shutil.copy(tiny_folder / hub.SAFETENSORS, tmp_path / hub.SAFETENSORS)
+    config = json.loads((tiny_folder / hub.CONFIG).read_text())
+    (tmp_path / hub.CONFIG).write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(ValueError, match=rf"^{tmp_path}: The BERT checkpoint lacks"):
+        models.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("nowhere", r"Model folder {cwd}/nowhere does not exist; expected a bundled name "
+         r"\(minilm, smollm2\), a Hugging Face model folder \(config\.json and "
+         r"model\.safetensors\), a \.gguf file, or a hub id"),
+        ("missing.gguf", r"GGUF file {cwd}/missing\.gguf does not exist; expected a bundled"),
+        ("weights.bin", r"Model {cwd}/weights\.bin is a file, not a model folder or a \.gguf "
+         r"file; expected a bundled name"),
+        ("no_such_model", r"Model 'no_such_model' is not a bundled name \(minilm, smollm2\), not "
+         r"a local folder or \.gguf file, and not available from the Hugging Face hub"),
+    ],
+)
+def test_a_name_that_is_no_model_says_what_was_expected(tmp_path, monkeypatch, name, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights.bin").write_bytes(b"")
+    target = name if name == "no_such_model" else f"./{name}"
+    with pytest.raises(ValueError, match=message.format(cwd=tmp_path)) as caught:
+        models.load(target, cache_dir=tmp_path / "cache")
+    assert "\n" not in str(caught.value)
