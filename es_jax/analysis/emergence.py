@@ -11,12 +11,16 @@ checkpoint's masks. It then locates the abrupt transition of each near-zero curv
 
 The analysis reads checkpoints through readers it is handed (`Checkpoints`: a run's directory,
 steps, config and a params reader); `es_jax.train.checkpointing.find_runs` and `open_run` make them.
+A checkpoint its reader cannot read (an OSError: files missing, cut short, or not matching their
+checksums) is skipped with a warning naming it, and the newest readable one is the run's final
+checkpoint. Parameters holding NaN or inf (a diverged run) are refused, naming the run and step.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -52,7 +56,8 @@ class Checkpoints(Protocol):
         """The run's stored config ({} if none), for its label."""
 
     def read_params(self, step: int) -> Any:
-        """The parameters saved at `step`, as host arrays."""
+        """The parameters saved at `step`, as host arrays; an OSError naming the checkpoint if it
+        cannot be read as saved."""
 
 
 def run_label(run_dir: Path, config: dict[str, Any]) -> str:
@@ -61,6 +66,43 @@ def run_label(run_dir: Path, config: dict[str, Any]) -> str:
     if fraction is not None:
         return f"{Path(run_dir).name} (data {float(fraction):.0%})"
     return Path(run_dir).name
+
+
+def readable_params(run: Checkpoints, step: int) -> Any | None:
+    """The finite parameters saved at `step`, or None, with a warning, if they cannot be read."""
+    try:
+        params = run.read_params(step)
+    except OSError as error:
+        warnings.warn(f"{error}; skipping it.", stacklevel=2)
+        return None
+    refuse_non_finite(params, run.directory, step)
+    return params
+
+
+def refuse_non_finite(params: Any, run_dir: Path, step: int) -> None:
+    """Refuses parameters holding NaN or inf, naming the run, the step and the arrays."""
+    leaves = jax.tree.leaves(params)
+    bad = [path for path, leaf in zip(pruning.leaf_paths(params), leaves, strict=True)
+           if not np.isfinite(np.asarray(leaf)).all()]
+    if bad:
+        raise ValueError(
+            f"Run {run_dir}, step {step}: {len(bad)} of {len(leaves)} parameter arrays hold NaN or "
+            f"inf (first: {bad[0]}); the run diverged, and near-zero fractions or masks of such "
+            "weights mean nothing. Pre-train it again (pre-training now stops where it diverges) "
+            "or leave it out of --workdir."
+        )
+
+
+def newest_readable(run: Checkpoints) -> tuple[int, Any]:
+    """The newest step whose parameters can be read, and those parameters."""
+    for step in reversed(list(run.steps)):
+        params = readable_params(run, step)
+        if params is not None:
+            return step, params
+    raise ValueError(
+        f"None of the {len(run.steps)} checkpoints of run {run.directory} can be read (see the "
+        "warnings above); pre-train it again or leave it out of --workdir."
+    )
 
 
 # ----------------------------------------------------------------------------- per step
@@ -238,14 +280,15 @@ def analyse_run(
     sparsities: Sequence[float] = SPARSITIES,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Figures for every checkpoint of one run; reuses its emergence.json if nothing changed.
+    """Figures for every readable checkpoint of one run; reuses its emergence.json if nothing
+    changed (a run with skipped checkpoints is analysed again, and warned about, every time).
 
     The model family is recognised from the parameters' paths; `where` defaults to its target set.
     """
     from es_jax import models
 
     run_dir, steps = Path(run.directory), list(run.steps)
-    last = run.read_params(steps[-1])
+    final_step, last = newest_readable(run)
     family = models.family_of_paths(pruning.leaf_paths(last))
     where = family.PRUNABLE if where is None else where
     wanted = settings(where, thresholds, relative_thresholds, sparsities)
@@ -259,8 +302,11 @@ def analyse_run(
     sizes = target_sizes(last, where)
     del last
     records, previous_masks = [], None
-    for step in _maybe_progress(steps, progress, run_dir.name):
-        params = run.read_params(step)
+    up_to_final = [step for step in steps if step <= final_step]
+    for step in _maybe_progress(up_to_final, progress, run_dir.name):
+        params = readable_params(run, step)
+        if params is None:
+            continue
         masks = jax.device_get(masks_of(params))
         figures = _to_python(figures_of(params))
         previous = None if previous_masks is None else overlaps(masks, previous_masks)
@@ -272,6 +318,7 @@ def analyse_run(
         "label": run_label(run_dir, run.config),
         "settings": wanted,
         "steps": records,
+        "skipped_steps": sorted(set(steps) - {record["step"] for record in records}),
         "transitions": transitions(records, thresholds, relative_thresholds),
     }
     (run_dir / RESULTS_FILE).write_text(json.dumps(result, indent=1))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -194,10 +195,24 @@ def plot_training_loss(log_path: str | Path, path: str | Path, title: str = "") 
 
 
 def training_records(log_path: str | Path) -> list[dict[str, Any]]:
-    """The records of a JSON-lines training log by step, the last of each step; [] if absent."""
+    """The records of a JSON-lines training log by step, the last of each step; [] if absent.
+
+    A line that is not a complete JSON record (its write was cut short by a kill, and later
+    records were appended on the lines after it) is skipped with a warning naming it.
+    """
     log_path = Path(log_path)
     lines = log_path.read_text().splitlines() if log_path.exists() else []
-    by_step = {record["step"]: record for record in map(json.loads, filter(None, lines))}
+    by_step = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            warnings.warn(f"{log_path}, line {number}: not a complete JSON record (a write cut "
+                          "short by a kill?); skipped it.", stacklevel=2)
+            continue
+        by_step[record["step"]] = record
     return [by_step[step] for step in sorted(by_step)]
 
 

@@ -6,6 +6,9 @@
 volume, say). Streams over each run's checkpoints (`es_jax.analysis.emergence`, one checkpoint's
 parameters in memory at a time) and writes `emergence.json` into each run and into the workdir,
 with plots. A run's stored analysis is reused when its checkpoints and settings are unchanged.
+A checkpoint that cannot be read as saved (files cut short, or arrays that no longer match their
+checksums) is skipped with a warning naming it; a run whose weights hold NaN or inf (it diverged)
+is refused, naming the run and the step.
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@
 Trains (`es_jax.train.pretrain`), saving checkpoints under `WORKDIR/checkpoints/`; the same
 command run again resumes from the newest readable checkpoint. Writes `results.json` (the last
 logged metrics and timing), `train_log.jsonl` and `loss.png`. A workdir that holds another
-config is refused unless `--config.force=True`. Every host of a pod runs the same command
+config is refused unless `--config.force=True`, and a refused command writes nothing there. A run
+whose loss, gradient norm or weights become NaN or inf stops with one line naming the step, and
+none of its checkpoints holds such weights. Every host of a pod runs the same command
 (`--config.distributed=True`).
 """
 

@@ -7,13 +7,22 @@ its `data` axis, parameters replicated or FSDP-sharded (`config.fsdp`), and
 `jax.distributed.initialize()` first when `config.distributed` is set (every host runs the same
 command). The corpora and the WordPiece vocabulary come from `es_jax.data`; the loss plot of a run
 is drawn from its `train_log.jsonl` by `es_jax.analysis.plots.plot_training_loss`.
+
+Nothing is written before the config's values, the workdir's stored config and the shapes of its
+checkpoints have all been checked, so a refused command leaves the workdir as it was. A run that
+diverges stops with a ValueError naming the step at which its loss, gradient norm or parameters
+first became non-finite: the jitted step carries that step (`track_divergence`) on the devices,
+and the host reads it only where it already reads the metrics (every `log_every` steps and at
+checkpoints), before saving, so no checkpoint holds non-finite parameters.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -169,6 +178,78 @@ def train_step(
     return new_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
 
 
+# ----------------------------------------------------------------------------- divergence
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every leaf of `tree` is free of NaN and inf, as one boolean scalar."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
+def healthy() -> dict[str, jax.Array]:
+    """The divergence record of a run that has not diverged (step -1)."""
+    return {"step": jnp.int32(-1), "loss": jnp.float32(0.0), "grad_norm": jnp.float32(0.0),
+            "params_finite": jnp.bool_(True)}
+
+
+def track_divergence(
+    health: dict[str, jax.Array],
+    step: jax.Array,
+    loss: jax.Array,
+    grad_norm: jax.Array,
+    params_finite: jax.Array,
+) -> dict[str, jax.Array]:
+    """The record of the first step whose loss, gradient norm or parameters were non-finite:
+    `health` once set, else this step's figures if it diverged (jit-able)."""
+    diverged = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite)
+    first = (health["step"] < 0) & diverged
+    now = {"step": step, "loss": loss, "grad_norm": grad_norm, "params_finite": params_finite}
+    return jax.tree.map(lambda old, new: jnp.where(first, new, old), health, now)
+
+
+def check_divergence(health: dict[str, Any], last_saved: int, checkpoints: str | Path) -> None:
+    """Refuses to go on from a diverged run, naming the step and what became non-finite."""
+    if health["step"] < 0:
+        return
+    loss, grad_norm = float(health["loss"]), float(health["grad_norm"])
+    became = [name for name, finite in (("loss", np.isfinite(loss)),
+                                        ("gradient norm", np.isfinite(grad_norm)),
+                                        ("parameters", bool(health["params_finite"])))
+              if not finite]
+    raise ValueError(
+        f"Training diverged at step {int(health['step'])}: the {' and the '.join(became)} became "
+        f"non-finite (loss {loss:.4g}, gradient norm {grad_norm:.4g}). Stopped without saving "
+        f"it; the newest checkpoint is step {last_saved} in {checkpoints}. Lower "
+        "config.learning_rate, raise config.warmup_steps or lower config.grad_clip_norm, then "
+        "run in a new --workdir (or continue from that checkpoint with --config.force=True)."
+    )
+
+
+def watched_step(
+    state: dict[str, Any],
+    batch: dict[str, jax.Array],
+    rest: nnx.State,
+    health: dict[str, jax.Array],
+    *,
+    step_fn: Callable,
+) -> tuple[dict[str, Any], dict[str, jax.Array], dict[str, jax.Array]]:
+    """`step_fn`, and the divergence record updated with its loss, gradient norm and parameters."""
+    new_state, metrics = step_fn(state, batch, rest)
+    health = track_divergence(health, new_state["step"], metrics["loss"], metrics["grad_norm"],
+                              all_finite(new_state["params"]))
+    return new_state, metrics, health
+
+
+def refuse_non_finite(params: Any, checkpoint: Path) -> None:
+    """Refuses to resume from parameters holding NaN or inf (saved before runs were watched)."""
+    if not bool(jax.jit(all_finite)(params)):
+        raise ValueError(
+            f"Checkpoint {checkpoint} holds NaN or inf parameters: the run diverged before it. "
+            "Move it and the checkpoints after it out of the way to resume from an earlier one, "
+            "or start a new --workdir."
+        )
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -206,14 +287,27 @@ def with_maskable(batch: dict[str, np.ndarray], special_ids: np.ndarray) -> dict
 
 
 def write_log(workdir: Path, record: dict[str, Any]) -> None:
-    """Appends one JSON line to the run's training log (host 0 only)."""
+    """Appends one JSON line to the run's training log (host 0 only), on a line of its own even
+    after a line that a kill cut short."""
     if jax.process_index() == 0:
-        with open(workdir / LOG_FILE, "a") as log:
-            log.write(json.dumps(record) + "\n")
+        path = workdir / LOG_FILE
+        start = "\n" if _ends_mid_line(path) else ""
+        with open(path, "a") as log:
+            log.write(start + json.dumps(record) + "\n")
+
+
+def _ends_mid_line(path: Path) -> bool:
+    """Whether a file's last line lacks its newline (its write was cut short)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as file:
+        file.seek(-1, os.SEEK_END)
+        return file.read(1) != b"\n"
 
 
 def compiled_step(config, graphdef, optimizer, tokenizer, vocab_size, mesh, shardings):
-    """The jitted train step, its state sharded as `shardings` and batches along the data axis."""
+    """The jitted, watched train step (`watched_step`): state sharded as `shardings`, batches
+    along the data axis, metrics and divergence record replicated."""
     step = partial(
         train_step,
         graphdef=graphdef,
@@ -223,10 +317,24 @@ def compiled_step(config, graphdef, optimizer, tokenizer, vocab_size, mesh, shar
         mask_rate=config.mask_rate,
     )
     return jax.jit(
-        step,
-        in_shardings=(shardings, batch_sharding(mesh), None),
-        out_shardings=(shardings, replicated(mesh)),
+        partial(watched_step, step_fn=step),
+        in_shardings=(shardings, batch_sharding(mesh), None, replicated(mesh)),
+        out_shardings=(shardings, replicated(mesh), replicated(mesh)),
     )
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+    """Refuses config values that cannot make a run, before anything is written."""
+    checkpointing.checkpoint_steps(
+        config.total_steps, config.checkpoint_every, config.log_spaced_checkpoints
+    )
+    if config.log_every <= 0:
+        raise ValueError(f"log_every ({config.log_every}) must be positive.")
+    if config.global_batch_size <= 0 or config.global_batch_size % jax.device_count():
+        raise ValueError(
+            f"global_batch_size {config.global_batch_size} is not a positive multiple of the "
+            f"{jax.device_count()} devices; pick one."
+        )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
@@ -234,29 +342,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     workdir = Path(workdir).absolute()
     if config.distributed:
         jax.distributed.initialize()
-    workdir.mkdir(parents=True, exist_ok=True)
+    check_values(config)
     checkpointing.check_config(workdir, config, force=config.force, ignore=RUN_ONLY_KEYS)
-    if config.global_batch_size % jax.device_count():
-        raise ValueError(
-            f"global_batch_size {config.global_batch_size} is not divisible by the "
-            f"{jax.device_count()} devices; pick a multiple."
-        )
     mesh = make_mesh()
     tokenizer = load_tokenizer(config, workdir)
     vocab_size = len(tokenizer)
     special_ids = np.asarray([tokenizer.pad_token_id, *tokenizer.all_special_ids], np.int32)
     optimizer = make_optimizer(config)
     graphdef, abstract, shardings, rest = initial_layout(config, vocab_size, optimizer, mesh)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
 
-    manager = checkpointing.open_manager(
-        workdir / checkpointing.CHECKPOINT_DIR, config.async_checkpoints
-    )
     iterator = iter(training_dataset(config, tokenizer))
-    restored = checkpointing.restore_latest(
-        manager,
-        jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                     abstract, shardings),
-    )
+    checkpoints = workdir / checkpointing.CHECKPOINT_DIR
+    manager = checkpointing.open_manager(checkpoints, config.async_checkpoints)
+    checkpointing.check_layout(manager, target)
+    checkpointing.store_config(workdir, config, ignore=RUN_ONLY_KEYS)  # all checked: now write
+    restored = checkpointing.restore_latest(manager, target)
     if restored is None:
         start = 0
         state = jax.jit(
@@ -266,6 +368,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         checkpointing.save(manager, 0, state, iterator.get_state())
     else:
         start, state, data_state = restored
+        refuse_non_finite(state["params"], checkpoints / str(start))
         iterator.set_state(data_state)
 
     step_fn = compiled_step(config, graphdef, optimizer, tokenizer, vocab_size, mesh, shardings)
@@ -274,21 +377,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     ))
     batch_placement = batch_sharding(mesh)
     metrics: dict[str, Any] = {}
+    health, last_saved = healthy(), start
     progress = _progress(start, config.total_steps)
     started = time.perf_counter()
-    for step in range(start + 1, config.total_steps + 1):
-        batch = global_batch(with_maskable(next(iterator), special_ids), batch_placement)
-        state, step_metrics = step_fn(state, batch, rest)
-        progress.update(1)
-        if step in save_at or step % config.log_every == 0:
-            metrics = {"step": step, **{k: float(v) for k, v in step_metrics.items()}}
-            progress.set_postfix(loss=f"{metrics['loss']:.3f}")
-        if step in save_at:
-            checkpointing.save(manager, step, state, iterator.get_state())
-            write_log(workdir, metrics)
-    manager.wait_until_finished()
-    manager.close()
-    progress.close()
+    try:
+        for step in range(start + 1, config.total_steps + 1):
+            batch = global_batch(with_maskable(next(iterator), special_ids), batch_placement)
+            state, step_metrics, health = step_fn(state, batch, rest, health)
+            progress.update(1)
+            if step in save_at or step % config.log_every == 0:
+                step_metrics, seen = jax.device_get((step_metrics, health))
+                check_divergence(seen, last_saved, checkpoints)
+                metrics = {"step": step, **{k: float(v) for k, v in step_metrics.items()}}
+                progress.set_postfix(loss=f"{metrics['loss']:.3f}")
+            if step in save_at:
+                checkpointing.save(manager, step, state, iterator.get_state())
+                write_log(workdir, metrics)
+                last_saved = step
+    finally:  # a diverged run still completes the checkpoints it started saving
+        manager.wait_until_finished()
+        manager.close()
+        progress.close()
     elapsed = time.perf_counter() - started
     summary = {
         **metrics,

@@ -151,3 +151,40 @@ def test_the_analysis_reads_through_any_reader(runs, tmp_path):
     assert result["label"] == f"{tmp_path.name} (data 60%)"
     assert result["steps"] == report["runs"][0]["steps"]
     assert json.loads((tmp_path / emergence.RESULTS_FILE).read_text()) == result
+
+
+def cut_short(checkpoint: Path) -> None:
+    """Truncates the array files of a step's state, as a full disk or a lost copy leaves them."""
+    for data_file in (checkpoint / "state" / "d").iterdir():
+        data_file.write_bytes(data_file.read_bytes()[:7])
+
+
+def test_unreadable_checkpoints_are_skipped_with_a_warning_naming_them(tmp_path):
+    for name, fraction in (("data_100", 1.0), ("data_60", 0.6)):
+        (tmp_path / name).mkdir()
+        write_run(tmp_path / name, fraction)
+    cut_short(tmp_path / "data_100" / checkpointing.CHECKPOINT_DIR / "10")
+    cut_short(tmp_path / "data_100" / checkpointing.CHECKPOINT_DIR / "30")
+    runs = [checkpointing.open_run(run) for run in checkpointing.find_runs(tmp_path)]
+    with pytest.warns(UserWarning, match=r"data_100/checkpoints/30 could not be read") as caught:
+        report = emergence.emergence(tmp_path, runs, thresholds=(1e-4,),
+                                     relative_thresholds=(0.01,), sparsities=(0.5,), plots=False)
+    assert any("data_100/checkpoints/10 could not be read" in str(w.message) for w in caught)
+    data_60, data_100 = report["runs"]
+    assert [r["step"] for r in data_60["steps"]] == list(STEPS)
+    assert [r["step"] for r in data_100["steps"]] == [0, 20]
+    assert data_100["skipped_steps"] == [10, 30]
+    assert data_100["steps"][-1]["masks"][0]["final"]["iou"] == pytest.approx(1.0)
+
+
+def test_non_finite_parameters_are_refused_naming_the_run_and_step(tmp_path):
+    def read_params(step: int) -> Any:
+        params = bert_like_params(step, tiny_counts(step))
+        if step == 20:
+            params["bert"]["encoder"]["layers"]["1"]["mlp"]["up"]["kernel"][0, 0] = np.nan
+        return params
+
+    (tmp_path / "diverged").mkdir()
+    run = MemoryRun(tmp_path / "diverged", list(STEPS), {}, read_params)
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'diverged'}, step 20: .*NaN or inf"):
+        emergence.analyse_run(run)

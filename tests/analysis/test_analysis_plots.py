@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from es_jax.analysis import plots
 
 
@@ -29,3 +31,14 @@ def test_loss_curve_is_written_from_the_log(tmp_path):
 def test_no_loss_curve_without_logged_steps(tmp_path):
     assert plots.plot_training_loss(tmp_path / "absent.jsonl", tmp_path / "loss.png") is None
     assert not (tmp_path / "loss.png").exists()
+
+
+def test_a_line_cut_short_by_a_kill_is_skipped_with_a_warning(tmp_path):
+    log = tmp_path / "train_log.jsonl"
+    write_log(log, [{"step": 10, "loss": 5.0}, {"step": 20, "loss": 4.0}])
+    log.write_text(log.read_text() + '{"step": 30, "lo')
+    with pytest.warns(UserWarning, match=r"train_log\.jsonl, line 3: not a complete JSON record"):
+        records = plots.training_records(log)
+    assert [(r["step"], r["loss"]) for r in records] == [(10, 5.0), (20, 4.0)]
+    with pytest.warns(UserWarning, match="line 3"):
+        assert plots.plot_training_loss(log, tmp_path / "loss.png").stat().st_size > 0

@@ -108,7 +108,7 @@ def train_two_steps(config, fsdp: bool):
     sharded = global_batch(batch, batch_sharding(mesh))
     losses = []
     for _ in range(2):
-        state, metrics = step(state, sharded, rest)
+        state, metrics, _ = step(state, sharded, rest, pretrain.healthy())
         losses.append(float(metrics["loss"]))
     return state, losses
 
@@ -146,7 +146,7 @@ def test_decay_spares_biases_and_norms():
 
 def test_run_only_keys_may_change_but_others_may_not(tmp_path, smoke_config):
     config = smoke_config.copy_and_resolve_references()
-    checkpointing.check_config(tmp_path, config, force=False, ignore=pretrain.RUN_ONLY_KEYS)
+    checkpointing.store_config(tmp_path, config, ignore=pretrain.RUN_ONLY_KEYS)
     with config.unlocked():
         config.log_every = 3
     checkpointing.check_config(tmp_path, config, force=False, ignore=pretrain.RUN_ONLY_KEYS)
@@ -154,5 +154,38 @@ def test_run_only_keys_may_change_but_others_may_not(tmp_path, smoke_config):
         config.model.hidden_size = 64
     with pytest.raises(ValueError, match=r"model\.hidden_size: 32 -> 64"):
         checkpointing.check_config(tmp_path, config, force=False, ignore=pretrain.RUN_ONLY_KEYS)
+    checkpointing.check_config(tmp_path, config, force=True, ignore=pretrain.RUN_ONLY_KEYS)
     stored = json.loads((tmp_path / checkpointing.CONFIG_FILE).read_text())
-    assert stored["model"]["hidden_size"] == 32
+    assert stored["model"]["hidden_size"] == 32  # checking never writes
+
+
+def test_divergence_is_the_first_step_whose_loss_gradient_or_parameters_are_not_finite():
+    health = pretrain.healthy()
+    for step, loss, grad_norm, params_finite in ((1, 6.0, 1.0, True), (2, 8e11, jnp.nan, False),
+                                                 (3, jnp.nan, jnp.nan, False)):
+        health = pretrain.track_divergence(health, jnp.int32(step), jnp.float32(loss),
+                                           jnp.float32(grad_norm), jnp.bool_(params_finite))
+    assert int(health["step"]) == 2
+    assert float(health["loss"]) == pytest.approx(8e11)
+    assert not bool(health["params_finite"])
+    pretrain.check_divergence(jax.device_get(pretrain.healthy()), last_saved=1, checkpoints="c")
+    with pytest.raises(ValueError, match=r"step 2: the gradient norm and the parameters became "
+                                         r"non-finite .*newest checkpoint is step 1 in c"):
+        pretrain.check_divergence(jax.device_get(health), last_saved=1, checkpoints="c")
+
+
+def test_resuming_from_non_finite_parameters_is_refused_naming_the_checkpoint():
+    pretrain.refuse_non_finite({"w": jnp.ones(3)}, Path("checkpoints/3"))
+    with pytest.raises(ValueError, match=r"checkpoints/3 holds NaN or inf parameters"):
+        pretrain.refuse_non_finite({"w": jnp.array([1.0, jnp.inf])}, Path("checkpoints/3"))
+
+
+def test_a_record_logged_after_a_line_cut_short_starts_a_line_of_its_own(tmp_path):
+    from es_jax.analysis.plots import training_records
+
+    log = tmp_path / pretrain.LOG_FILE
+    log.write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "lo')
+    pretrain.write_log(tmp_path, {"step": 3, "loss": 4.0})
+    assert log.read_text().splitlines()[-1] == '{"step": 3, "loss": 4.0}'
+    with pytest.warns(UserWarning, match="line 2"):
+        assert [r["step"] for r in training_records(log)] == [1, 3]

@@ -2,6 +2,7 @@
 
 import fcntl
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 from es_jax.analysis.plots import plot_training_loss
@@ -150,3 +152,63 @@ def test_forced_config_of_another_model_keeps_the_checkpoints(reference, tmp_pat
         pretrain.train_and_evaluate(config, workdir)
     assert not (workdir / checkpointing.CORRUPT_DIR).exists()
     assert (workdir / checkpointing.CHECKPOINT_DIR / str(TOTAL_STEPS)).exists()
+
+
+def test_altered_checkpoint_is_moved_aside_and_the_run_resumes_before_it(
+    reference, tmp_path, flip_bytes
+):
+    source, expected = reference
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
+    flip_bytes(workdir / checkpointing.CHECKPOINT_DIR / str(TOTAL_STEPS))
+    config, _ = command_line.parse("pretrain", ["--config", SMOKE, "--workdir", str(workdir)])
+    with pytest.warns(UserWarning, match=rf"checkpoints/{TOTAL_STEPS} could not be read "
+                                         r"\(checksum mismatch"):
+        summary = pretrain.train_and_evaluate(config, workdir)
+    assert summary["resumed_from"] == 20
+    assert (workdir / checkpointing.CORRUPT_DIR / str(TOTAL_STEPS)).exists()
+    assert_bitwise_equal(final_state(workdir), expected)
+
+
+@pytest.mark.parametrize(("refused", "error"), [
+    ("--config.model.hidden_size=16", "another shape or structure"),
+    ("--config.total_steps=0", "total_steps"),
+])
+def test_a_refused_forced_config_leaves_the_workdir_as_it_was(reference, tmp_path, refused, error):
+    source, _ = reference
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
+    stored = (workdir / checkpointing.CONFIG_FILE).read_bytes()
+    argv = ["--config", SMOKE, "--workdir", str(workdir)]
+    forced, _ = command_line.parse("pretrain", [*argv, refused, "--config.force=True"])
+    with pytest.raises(ValueError, match=error):
+        pretrain.train_and_evaluate(forced, workdir)
+    assert (workdir / checkpointing.CONFIG_FILE).read_bytes() == stored
+    config, _ = command_line.parse("pretrain", argv)
+    assert pretrain.train_and_evaluate(config, workdir)["resumed_from"] == TOTAL_STEPS
+
+
+def test_a_refused_config_writes_nothing_in_a_new_workdir(tmp_path):
+    workdir = tmp_path / "run"
+    argv = ["--config", SMOKE, "--workdir", str(workdir), "--config.total_steps=0"]
+    config, _ = command_line.parse("pretrain", argv)
+    with pytest.raises(ValueError, match="total_steps"):
+        pretrain.train_and_evaluate(config, workdir)
+    assert not workdir.exists()
+
+
+def test_a_diverged_run_stops_and_saves_no_non_finite_parameters(tmp_path):
+    argv = ["--config", SMOKE, "--workdir", str(tmp_path), "--config.learning_rate=1e6"]
+    config, _ = command_line.parse("pretrain", argv)
+    with pytest.raises(ValueError, match=r"diverged at step \d: .*parameters became non-finite"
+                                         r" .*newest checkpoint is step \d") as refused:
+        pretrain.train_and_evaluate(config, tmp_path)
+    diverged = int(re.search(r"at step (\d+)", str(refused.value)).group(1))
+    schedule = checkpointing.checkpoint_steps(TOTAL_STEPS, config.checkpoint_every,
+                                              config.log_spaced_checkpoints)
+    checkpoints = tmp_path / checkpointing.CHECKPOINT_DIR
+    saved = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    assert saved == [step for step in schedule if step < diverged]
+    for step in saved:
+        params = checkpointing.read_state(checkpoints, step)["params"]
+        assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
