@@ -51,6 +51,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     from es_jax.analysis import emergence
     from es_jax.train import checkpointing
 
+    workdir = command_line.check_workdir(workdir)
     runs = [checkpointing.open_run(run) for run in checkpointing.find_runs(workdir)]
     return emergence.emergence(
         workdir,

@@ -39,7 +39,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     from es_jax.analysis import plots
     from es_jax.train import pretrain
 
-    workdir = Path(workdir).absolute()
+    workdir = command_line.check_workdir(workdir).absolute()
     summary = pretrain.train_and_evaluate(config, workdir)
     if jax.process_index() == 0:
         plots.plot_training_loss(workdir / pretrain.LOG_FILE, workdir / "loss.png", workdir.name)
