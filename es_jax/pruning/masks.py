@@ -3,10 +3,21 @@
 A mask is a bool pytree with the structure of the parameters: True where a weight is kept, `None`
 on leaves that are not targets. `filled_mask` and `target_leaf_flags` recast it for code that
 cannot take `None` leaves (a plain `jax.tree.map`, `optax.masked`).
+
+Non-finite scores. Called eagerly, `unstructured`, `n_of_m` and `omp` refuse NaN or inf in the
+scores (or weights) of a target leaf with a ValueError naming the leaf. Under jit, where values
+cannot be checked, every non-finite score (NaN, +inf, -inf) ranks below every finite score:
+non-finite scores are removed first (tied with each other, so in leaf order, then flat index; in
+an N:M group the lower index is kept first), and a non-finite score is never kept while a finite
+one is removed. Finite scores keep the exact count and tie order. With `checked=True` the refusal
+also runs inside jit, as a `jax.experimental.checkify` check: wrap the caller in
+`checkify.checkify` and call `error.throw()` (plain jit refuses to stage such a check).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -15,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from es_jax.pruning.paths import PyTree, Selector, check_like, path_string
-from es_jax.pruning.scores import map_targets, random_scores
+from es_jax.pruning.scores import check_finite, map_targets, random_scores, scores_message
 from es_jax.pruning.select import kept_masks, sortable_keys
 
 Array = jax.Array
@@ -28,23 +39,64 @@ def _is_none(x: Any) -> bool:
 
 
 def _score_leaves(scores: PyTree) -> tuple[list[str], list[Any], Any]:
-    """Paths, leaves (None off target) and treedef of a scores tree; refuses one with no targets."""
+    """Paths, leaves (arrays; None off target) and treedef of a scores tree; refuses one with no
+    targets."""
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(scores, is_leaf=_is_none)
     paths = [path_string(p) for p, _ in with_paths]
-    leaves = [leaf for _, leaf in with_paths]
+    leaves = [None if leaf is None else jnp.asarray(leaf) for _, leaf in with_paths]
     if all(leaf is None for leaf in leaves):
         raise ValueError("the scores have no target leaf (every leaf is None)")
     return paths, leaves, treedef
 
 
+def _is_one_level(sparsity: Any) -> bool:
+    """Whether `sparsity` is one level (a number, 0-d array or anything not iterable)."""
+    return (not hasattr(sparsity, "__iter__") or isinstance(sparsity, str)
+            or getattr(sparsity, "ndim", None) == 0)
+
+
+def _is_number(value: Any) -> bool:
+    """Whether `value` is a real number: a Python or numpy scalar (not a bool), or a numeric 0-d
+    array."""
+    if isinstance(value, np.ndarray | jax.Array):
+        return value.ndim == 0 and bool(jnp.issubdtype(value.dtype, jnp.number))
+    return isinstance(value, numbers.Real | np.generic) and not isinstance(value, bool | np.bool_)
+
+
+def _level(value: Any) -> float:
+    """One sparsity level as a Python float; refuses a traced, non-numeric or out-of-range one."""
+    if isinstance(value, jax.core.Tracer):
+        raise ValueError("sparsity is traced (an argument of a jitted function), but the number of "
+                         "weights to remove, round(s * n), fixes the program: pass a Python float, "
+                         "as a static argument (jax.jit(f, static_argnums=...)) or from a closure")
+    if not _is_number(value):
+        raise ValueError(f"a sparsity level is a number in [0, 1] (a float or a 0-d array), "
+                         f"got {value!r}")
+    level = float(value)
+    if not 0.0 <= level <= 1.0:
+        raise ValueError(f"sparsity {level} is outside [0, 1]")
+    return level
+
+
 def _levels(sparsity: Sparsity) -> tuple[list[float], bool]:
-    """The sparsity levels as a list, and whether a single level was given."""
-    single = isinstance(sparsity, int | float | np.floating | np.integer)
-    levels = [float(sparsity)] if single else [float(s) for s in sparsity]
-    for level in levels:
-        if not 0.0 <= level <= 1.0:
-            raise ValueError(f"sparsity {level} is outside [0, 1]")
-    return levels, single
+    """The sparsity levels as Python floats, and whether a single level was given.
+
+    A level is a number or a concrete 0-d array; several are a sequence or a 1-d array. Traced
+    levels are refused: the counts to remove fix the shapes of the program.
+    """
+    if _is_one_level(sparsity):
+        return [_level(sparsity)], True
+    levels = [_level(level) for level in sparsity]
+    if not levels:
+        raise ValueError("no sparsity level given (an empty list): give a float or a non-empty "
+                         "list of levels")
+    return levels, False
+
+
+def _check_scope(scope: str) -> None:
+    """Refuses a scope other than 'global' and 'layerwise'."""
+    if scope not in ("global", "layerwise"):
+        raise ValueError(f"scope must be 'global' or 'layerwise', got {scope!r}")
 
 
 def _assemble(treedef: Any, leaves: list[Any], targets: list[int], kept: list[Array]) -> PyTree:
@@ -57,32 +109,45 @@ def _assemble(treedef: Any, leaves: list[Any], targets: list[int], kept: list[Ar
 
 def unstructured(scores: PyTree, sparsity: Sparsity,
                  scope: Literal["global", "layerwise"] = "global",
-                 transform: Callable[[Array], Array] | None = None) -> PyTree | list[PyTree]:
+                 transform: Callable[[Array], Array] | None = None,
+                 checked: bool = False) -> PyTree | list[PyTree]:
     """Removes the lowest scores: exactly round(s * n) of the n target weights (global) or per leaf.
 
     A list of sparsities gives a list of nested masks from one selection. With `transform` (an
     elementwise function, e.g. `jnp.abs` on a tree of the target weights) the scores are
     `transform(leaf)`, computed inside the selection instead of stored: the same masks as
     `unstructured(jax.tree.map(transform, scores), ...)`, with one pass and 4 bytes/weight less.
+    NaN or inf scores are refused eagerly, removed first under jit, and refused under
+    `checkify.checkify` with `checked=True` (see the module docstring). A zero-size leaf gets an
+    empty mask. Sparsities must be concrete (Python floats or 0-d arrays), not traced.
     """
     levels, single = _levels(sparsity)
-    _, leaves, treedef = _score_leaves(scores)
+    _check_scope(scope)
+    paths, leaves, treedef = _score_leaves(scores)
     targets = [i for i, leaf in enumerate(leaves) if leaf is not None]
-    arrays = [jnp.asarray(leaves[i]) for i in targets]
+    check_finite([paths[i] for i in targets], [leaves[i] for i in targets], scores_message,
+                 checked, transform)
+    masks = _unstructured_masks(treedef, leaves, levels, scope, transform)
+    return masks[0] if single else masks
+
+
+def _unstructured_masks(treedef: Any, leaves: list[Any], levels: list[float],
+                        scope: Literal["global", "layerwise"],
+                        transform: Callable[[Array], Array] | None) -> list[PyTree]:
+    """One mask tree per level from the target leaves' scores (unchecked): `unstructured`'s body."""
+    targets = [i for i, leaf in enumerate(leaves) if leaf is not None]
+    arrays = [leaves[i] for i in targets]
     ascending = sorted(levels)
     if scope == "global":
         total = sum(a.size for a in arrays)
         per_level = kept_masks(arrays, [round(s * total) for s in ascending], transform)
-    elif scope == "layerwise":
+    else:
         per_leaf = [kept_masks([a], [round(s * a.size) for s in ascending], transform)
                     for a in arrays]
         per_level = [[leaf_levels[level][0] for leaf_levels in per_leaf]
                      for level in range(len(levels))]
-    else:
-        raise ValueError(f"scope must be 'global' or 'layerwise', got {scope!r}")
     by_level = dict(zip(ascending, per_level, strict=True))
-    masks = [_assemble(treedef, leaves, targets, by_level[s]) for s in levels]
-    return masks[0] if single else masks
+    return [_assemble(treedef, leaves, targets, by_level[s]) for s in levels]
 
 
 def _group_kept(groups: Array, n: int) -> Array:
@@ -100,17 +165,24 @@ def _group_kept(groups: Array, n: int) -> Array:
     return rank < n
 
 
-def n_of_m(scores: PyTree, n: int, m: int, axis: int = 0) -> PyTree:
-    """Keeps the n highest scores of every m consecutive weights along `axis` (Flax input: 0)."""
+def n_of_m(scores: PyTree, n: int, m: int, axis: int = 0, checked: bool = False) -> PyTree:
+    """Keeps the n highest scores of every m consecutive weights along `axis` (Flax input: 0).
+
+    Equal scores keep the lower index first. NaN or inf scores are refused eagerly, rank lowest
+    in their group under jit, and are refused under `checkify.checkify` with `checked=True` (see
+    the module docstring).
+    """
     if m < 1 or not 0 <= n <= m:
         raise ValueError(f"N:M needs 0 <= n <= m and m >= 1, got n={n}, m={m}")
     paths, leaves, treedef = _score_leaves(scores)
+    targets = [i for i, leaf in enumerate(leaves) if leaf is not None]
+    check_finite([paths[i] for i in targets], [leaves[i] for i in targets], scores_message,
+                 checked)
     out: list[Any] = []
     for path, leaf in zip(paths, leaves, strict=True):
         if leaf is None:
             out.append(None)
             continue
-        leaf = jnp.asarray(leaf)
         if leaf.ndim == 0 or not -leaf.ndim <= axis < leaf.ndim:
             raise ValueError(f"leaf {path!r} of shape {leaf.shape} has no axis {axis} for N:M")
         if leaf.shape[axis] % m:
@@ -124,35 +196,99 @@ def n_of_m(scores: PyTree, n: int, m: int, axis: int = 0) -> PyTree:
 
 
 def erk_densities(shapes: Sequence[tuple[int, ...]], sparsity: float) -> list[float]:
-    """Erdos-Renyi-kernel densities: proportional to sum(dims)/prod(dims), capped at 1."""
-    sizes = np.array([np.prod(s) for s in shapes], dtype=np.float64)
-    raw = np.array([np.sum(s) / np.prod(s) for s in shapes], dtype=np.float64)
-    budget = (1.0 - sparsity) * sizes.sum()
-    dense = np.zeros(len(shapes), bool)
-    while True:
-        scale = (budget - sizes[dense].sum()) / max(np.sum(raw[~dense] * sizes[~dense]), 1e-30)
-        over = ~dense & (scale * raw > 1.0)
-        if not over.any():
-            return [1.0 if d else float(min(1.0, scale * r))
-                    for d, r in zip(dense, raw, strict=True)]
-        dense |= over
+    """Erdos-Renyi-kernel densities (kept fraction per leaf) for total `sparsity`.
+
+    The kept counts of `erk_kept_counts` over the leaf sizes; 1.0 for a zero-size leaf.
+    """
+    counts = erk_kept_counts(shapes, sparsity)
+    return [count / math.prod(shape) if math.prod(shape) else 1.0
+            for count, shape in zip(counts, shapes, strict=True)]
+
+
+def erk_kept_counts(shapes: Sequence[tuple[int, ...]], sparsity: float) -> list[int]:
+    """Weights kept per leaf under ERK: exactly n - round(s * n) of the n weights in all.
+
+    Each leaf's share is c * sum(dims) (a density proportional to sum(dims) / prod(dims)), capped
+    at the leaf's size and raised to one weight, the capped and raised leaves' excess or deficit
+    redistributed over the others by the choice of c. So every non-empty leaf keeps at least one
+    weight (no layer is cut off) unless the sparsity is 1, where none is kept. The shares are
+    rounded to integers summing to the total, each within one of its share (largest remainders,
+    ties in leaf order). A sparsity that keeps fewer weights than there are non-empty leaves, but
+    some, is refused.
+    """
+    sparsity = _level(sparsity)
+    sizes = np.array([math.prod(shape) for shape in shapes], np.int64)
+    total = int(sizes.sum())
+    budget = total - round(sparsity * total)
+    leaves = int(np.count_nonzero(sizes))
+    if budget == 0:
+        return [0] * len(shapes)
+    if budget < leaves:
+        raise ValueError(f"ERK at sparsity {sparsity} keeps {budget} of {total} weights, fewer "
+                         f"than the {leaves} target leaves, and every leaf keeps at least one "
+                         f"weight: lower the sparsity or select fewer leaves")
+    widths = np.array([sum(shape) for shape in shapes], np.float64)
+    shares = _capped_shares(widths, np.minimum(sizes, 1), sizes, budget)
+    return _largest_remainders(shares, np.minimum(sizes, 1), sizes, budget)
+
+
+def _capped_shares(widths: np.ndarray, low: np.ndarray, high: np.ndarray,
+                   budget: int) -> np.ndarray:
+    """clip(c * widths, low, high) summing to `budget` (low.sum() <= budget <= high.sum()): c by
+    bisection in float64, to the last bit."""
+    def shares(c: float) -> np.ndarray:
+        return np.clip(c * widths, low, high)
+
+    positive = widths > 0
+    below, above = 0.0, float(np.max(high[positive] / widths[positive], initial=1.0))
+    while below < (middle := (below + above) / 2) < above:
+        if shares(middle).sum() < budget:
+            below = middle
+        else:
+            above = middle
+    return shares(above)
+
+
+def _largest_remainders(shares: np.ndarray, low: np.ndarray, high: np.ndarray,
+                        total: int) -> list[int]:
+    """Integers in [low, high] summing to `total`: the shares' floors, and one more for the
+    largest remainders (ties in leaf order) until the total is reached."""
+    counts = np.clip(np.floor(shares), low, high).astype(np.int64)
+    order = np.argsort(counts - shares, kind="stable")  # largest remainder first
+    missing = total - int(counts.sum())
+    while missing > 0:
+        for i in order:
+            if missing and counts[i] < high[i]:
+                counts[i] += 1
+                missing -= 1
+    return [int(c) for c in counts]
 
 
 def erk(params: PyTree, sparsity: float, key: Array, where: Selector | None = None) -> PyTree:
-    """A random mask whose per-leaf densities follow the ERK allocation for total `sparsity`."""
-    _levels(sparsity)
+    """A random mask keeping `erk_kept_counts` weights of each target leaf, drawn from `key`.
+
+    Exactly round(s * n) of the n target weights are removed; every non-empty target leaf keeps
+    at least one weight unless s is 1 (see `erk_kept_counts`).
+    """
+    levels, single = _levels(sparsity)
+    if not single:
+        raise ValueError(f"erk takes one sparsity, got {sparsity!r}: call it once per level")
     scores = random_scores(params, key, where)
     _, leaves, treedef = _score_leaves(scores)
     targets = [i for i, leaf in enumerate(leaves) if leaf is not None]
-    densities = erk_densities([leaves[i].shape for i in targets], sparsity)
-    kept = [kept_masks([leaves[i]], [round((1 - d) * leaves[i].size)])[0][0]
-            for i, d in zip(targets, densities, strict=True)]
+    counts = erk_kept_counts([leaves[i].shape for i in targets], levels[0])
+    kept = [kept_masks([leaves[i]], [leaves[i].size - count])[0][0]
+            for i, count in zip(targets, counts, strict=True)]
     return _assemble(treedef, leaves, targets, kept)
 
 
 def apply(params: PyTree, mask: PyTree) -> PyTree:
-    """Zeroes the pruned weights; leaves where the mask is None are returned unchanged."""
-    _, leaves, aligned = check_like(params, mask, "mask")
+    """Zeroes the pruned weights; leaves where the mask is None are returned unchanged.
+
+    Refuses a mask of another structure or shape, and a mask leaf that is not bool (a scores
+    tree, a float mask), naming the leaf.
+    """
+    leaves, aligned = _mask_leaves(params, mask)
     treedef = jax.tree_util.tree_structure(params)
     out = [leaf if keep is None else jnp.where(keep, leaf, jnp.zeros((), jnp.asarray(leaf).dtype))
            for leaf, keep in zip(leaves, aligned, strict=True)]
@@ -169,11 +305,26 @@ def filled_mask(mask: PyTree, params: PyTree) -> PyTree:
     `jnp.ones_like(param, dtype=bool)`, which called eagerly has the parameter's sharding (inside
     jit, the compiler places it).
     """
-    _, leaves, aligned = check_like(params, mask, "mask")
+    leaves, aligned = _mask_leaves(params, mask)
     treedef = jax.tree_util.tree_structure(params)
     out = [jnp.ones_like(leaf, dtype=jnp.bool_) if keep is None else keep
            for leaf, keep in zip(leaves, aligned, strict=True)]
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _mask_leaves(params: PyTree, mask: PyTree) -> tuple[list[Any], list[Any]]:
+    """The parameter leaves and the mask's leaves aligned with them (None off target); refuses a
+    mask of another structure or shape, or a mask leaf that is not bool, naming the leaf."""
+    paths, leaves, aligned = check_like(params, mask, "mask")
+    for path, keep in zip(paths, aligned, strict=True):
+        if keep is None:
+            continue
+        dtype = keep.dtype if hasattr(keep, "dtype") else np.result_type(keep)
+        if dtype != np.bool_:
+            raise ValueError(f"the mask at {path!r} has dtype {dtype}, not bool: a mask is True "
+                             f"where a weight is kept (pruning.unstructured, n_of_m or omp make "
+                             f"one); pass scores to pruning.unstructured first")
+    return leaves, aligned
 
 
 def target_leaf_flags(mask: PyTree) -> PyTree:
@@ -186,14 +337,18 @@ def target_leaf_flags(mask: PyTree) -> PyTree:
 
 
 def omp(params: PyTree, sparsity: Sparsity, where: Selector | None = None,
-        scope: Literal["global", "layerwise"] = "global") -> tuple[Any, Any]:
+        scope: Literal["global", "layerwise"] = "global", checked: bool = False) -> tuple[Any, Any]:
     """One-shot magnitude pruning: (pruned params, mask), or lists of both for a list of levels.
 
     The same masks as `unstructured(magnitude(params, where), ...)`, with |w| computed inside the
-    selection instead of stored.
+    selection instead of stored. NaN or inf weights are refused eagerly, removed first under jit,
+    and refused under `checkify.checkify` with `checked=True` (see the module docstring).
     """
-    targets = map_targets(params, where, lambda _, __, leaf: leaf)
-    masks = unstructured(targets, sparsity, scope=scope, transform=jnp.abs)
-    if isinstance(masks, list):
-        return [apply(params, m) for m in masks], masks
-    return apply(params, masks), masks
+    levels, single = _levels(sparsity)
+    _check_scope(scope)
+    # The weights are checked here; |w| of finite weights is finite, so it is not checked again.
+    _, leaves, treedef = _score_leaves(map_targets(params, where, lambda _, __, leaf: leaf,
+                                                   checked))
+    masks = _unstructured_masks(treedef, leaves, levels, scope, jnp.abs)
+    pruned = [apply(params, mask) for mask in masks]
+    return (pruned[0], masks[0]) if single else (pruned, masks)

@@ -16,7 +16,8 @@ histogram, and no copy of the weights is concatenated.
 
 Ties are broken by leaf order, then by flat index: the elements removed for k are the first k in the
 order (key, leaf, flat index), so the count is exact and masks for increasing k are nested. Where a
-threshold splits a tie, the cut inside its leaf is found by reading that leaf alone.
+threshold splits a tie, the cut inside its leaf is found by reading that leaf alone. Every
+non-finite score has the lowest key (see `sortable_keys`): values are not checked here.
 
 Every per-array pass is a `fori_loop` over the arrays of one size (see `fold_leaves`).
 """
@@ -46,13 +47,19 @@ _COUNT_ONE = lax.ScatterDimensionNumbers(update_window_dims=(), inserted_window_
 def sortable_keys(scores: Array) -> Array:
     """Order-preserving uint32 keys of float scores (bf16/fp16 widen exactly; -0.0 ties 0.0).
 
+    Every non-finite score (NaN of either sign, +inf, -inf) gets key 0, below the key of every
+    finite score (the least, -max float's, is 2**23): non-finite scores are removed first, tied
+    with each other, and never kept while a finite score is removed. The largest key, +max
+    float's, is 2**32 - 2**23 - 1, so a key plus one never wraps.
+
     Built from the bits alone, so subnormal scores keep their order on every backend (XLA:CPU's
     float arithmetic would flush them to zero).
     """
     bits = lax.bitcast_convert_type(scores.astype(jnp.float32), jnp.uint32)
-    bits = jnp.where((bits & jnp.uint32(0x7FFFFFFF)) == 0, jnp.uint32(0), bits)
-    negative = (bits >> 31) == 1
-    return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
+    # Negative scores (sign bit set, magnitude bits not all 0) reverse; -0.0 joins 0.0.
+    keys = jnp.where(bits > jnp.uint32(0x80000000), ~bits, bits | jnp.uint32(0x80000000))
+    non_finite = (bits & jnp.uint32(0x7FFFFFFF)) >= jnp.uint32(0x7F800000)
+    return jnp.where(non_finite, jnp.uint32(0), keys)
 
 
 def count_dtype(total: int) -> jnp.dtype:
@@ -428,12 +435,27 @@ def kept_masks(scores: Sequence[Array], counts_to_remove: Sequence[int],
 
     Counts must be ascending, between 0 (keep everything) and the total size. With `transform`
     (an elementwise function such as `jnp.abs`) the scores are `transform(array)`, computed where
-    they are read rather than stored.
+    they are read rather than stored. A zero-size array has an empty mask and takes no part in
+    the selection. Non-finite scores rank below every finite one (see `sortable_keys`).
     """
-    leaves = Leaves([jnp.asarray(s) for s in scores], transform)
-    total = leaves.total
-    if list(counts_to_remove) != sorted(counts_to_remove):
-        raise ValueError(f"counts to remove must be ascending, got {list(counts_to_remove)}")
-    if counts_to_remove and not 0 <= counts_to_remove[0] <= counts_to_remove[-1] <= total:
-        raise ValueError(f"counts to remove must lie in [0, {total}], got {list(counts_to_remove)}")
-    return _kept_masks(leaves, jnp.asarray(list(counts_to_remove), count_dtype(total)))
+    arrays = [jnp.asarray(s) for s in scores]
+    counts = list(counts_to_remove)
+    total = sum(a.size for a in arrays)
+    if counts != sorted(counts):
+        raise ValueError(f"counts to remove must be ascending, got {counts}")
+    if counts and not 0 <= counts[0] <= counts[-1] <= total:
+        raise ValueError(f"counts to remove must lie in [0, {total}], got {counts}")
+    counts_array = jnp.asarray(counts, count_dtype(total))
+    filled = [i for i, a in enumerate(arrays) if a.size]
+    if len(filled) == len(arrays):
+        return _kept_masks(Leaves(arrays, transform), counts_array)
+    selected = (_kept_masks(Leaves([arrays[i] for i in filled], transform), counts_array)
+                if filled else [[] for _ in counts])
+    return [_with_empty_masks(arrays, filled, level) for level in selected]
+
+
+def _with_empty_masks(arrays: list[Array], filled: list[int], masks: list[Array]) -> list[Array]:
+    """`masks` at the positions `filled` of `arrays`, an empty bool mask at the others."""
+    by_position = dict(zip(filled, masks, strict=True))
+    return [by_position[i] if i in by_position else jnp.ones(a.shape, jnp.bool_)
+            for i, a in enumerate(arrays)]

@@ -1,5 +1,6 @@
 """Bad input is refused with a ValueError that names the leaf and the problem."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -90,3 +91,63 @@ def test_wanda_norms_of_the_wrong_length(params):
 def test_unknown_scope(params):
     with pytest.raises(ValueError, match="scope must be"):
         pruning.unstructured(pruning.magnitude(params, r".*kernel"), 0.5, scope="per-row")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.int8, jnp.uint8])
+def test_apply_refuses_a_mask_leaf_that_is_not_bool(params, dtype):
+    _, mask = pruning.omp(params, 0.5, where=r".*kernel")
+    mask["other"]["kernel"] = mask["other"]["kernel"].astype(dtype)
+    with pytest.raises(ValueError, match=rf"mask at 'other/kernel' has dtype {jnp.dtype(dtype)}"):
+        pruning.apply(params, mask)
+    with pytest.raises(ValueError, match=r"mask at 'other/kernel' has dtype"):
+        pruning.filled_mask(mask, params)
+
+
+def test_apply_refuses_a_scores_tree_passed_as_a_mask(params):
+    scores = pruning.magnitude(params, r".*kernel")
+    with pytest.raises(ValueError, match=r"mask at 'dense/kernel' has dtype float32.*unstructured"):
+        pruning.apply(params, scores)
+
+
+def test_apply_refuses_a_non_bool_mask_under_jit(params):
+    scores = pruning.magnitude(params, r".*kernel")
+    with pytest.raises(ValueError, match=r"mask at 'dense/kernel' has dtype float32"):
+        jax.jit(pruning.apply)(params, scores)
+
+
+def test_empty_list_of_sparsities(params):
+    with pytest.raises(ValueError, match="no sparsity level"):
+        pruning.unstructured(pruning.magnitude(params, r".*kernel"), [])
+    with pytest.raises(ValueError, match="no sparsity level"):
+        pruning.omp(params, [], where=r".*kernel")
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_traced_sparsity_asks_for_a_python_float(params, as_list):
+    scores = pruning.magnitude(params, r".*kernel")
+    prune = jax.jit(lambda s: pruning.unstructured(scores, [s] if as_list else s))
+    with pytest.raises(ValueError, match=r"sparsity is traced.*Python float.*static"):
+        prune(0.5)
+    with pytest.raises(ValueError, match=r"sparsity is traced"):
+        jax.jit(lambda s: pruning.omp(params, s, where=r".*kernel"))(0.5)
+    with pytest.raises(ValueError, match=r"sparsity is traced"):
+        jax.jit(lambda s: pruning.erk(params, s, jax.random.PRNGKey(0), r".*kernel"))(0.5)
+
+
+@pytest.mark.parametrize("sparsity", ["0.5", None, [[0.1, 0.2]], np.ones((2, 2))])
+def test_sparsity_that_is_not_a_number(params, sparsity):
+    with pytest.raises(ValueError, match="sparsity level is a number"):
+        pruning.unstructured(pruning.magnitude(params, r".*kernel"), sparsity)
+
+
+def test_erk_takes_one_sparsity(params):
+    with pytest.raises(ValueError, match="one sparsity"):
+        pruning.erk(params, [0.5, 0.6], jax.random.PRNGKey(0), r".*kernel")
+
+
+def test_erk_refuses_a_sparsity_that_leaves_fewer_weights_than_leaves(params):
+    # 72 target weights in 2 leaves: 0.99 keeps round(0.72) = 1 weight, not one per leaf.
+    with pytest.raises(ValueError, match=r"keeps 1 of 72 weights.*2 target leaves"):
+        pruning.erk(params, 0.99, jax.random.PRNGKey(0), r".*kernel")
+    with pytest.raises(ValueError, match=r"keeps 1 of 72 weights.*2 target leaves"):
+        pruning.erk_densities([(8, 6), (6, 4)], 0.99)
