@@ -377,7 +377,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     ))
     batch_placement = batch_sharding(mesh)
     metrics: dict[str, Any] = {}
-    health, last_saved = healthy(), start
+    # Placed as the step returns it, so the second step does not compile again.
+    health, last_saved = jax.device_put(healthy(), replicated(mesh)), start
     progress = _progress(start, config.total_steps)
     started = time.perf_counter()
     try:
