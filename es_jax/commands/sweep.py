@@ -43,7 +43,6 @@ from es_jax.commands.sweep_results import (
     level_of,
     levels_table,
     read_results,
-    run_id,
     summary_table,
     write_csv,
 )
@@ -81,17 +80,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool =
     return results
 
 
-def run_ids(config: ml_collections.ConfigDict) -> list[str]:
-    """The ids of every run of the config, in config order."""
-    return [
-        run_id(key, t, p, s)
-        for key, settings in config.models.items()
-        for t in settings.tasks
-        for p in settings.patterns
-        for s in settings.scorers
-    ]
-
-
 def check_stale(config: ml_collections.ConfigDict, store: ResultsStore) -> None:
     """Refuses to recompute stored runs that the config computes with other settings, unless
     `config.overwrite`: a results store never drops a run it was not told to."""
@@ -109,7 +97,7 @@ def finish(config: ml_collections.ConfigDict, store: ResultsStore, workdir: Path
     of every complete run the store holds (this config's and any other's)."""
     from es_jax.analysis import plots
 
-    for rid in run_ids(config):
+    for _, rid in sweep_plan.run_ids(config):
         finalise(store.runs[rid], config.epsilon)
     store.save()
     runs = [run for run in store.runs.values() if "essential_sparsity" in run]

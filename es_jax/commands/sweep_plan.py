@@ -69,19 +69,26 @@ def plan(config: ml_collections.ConfigDict, runs: Mapping[str, dict]) -> list[Lo
     return loads
 
 
+def run_ids(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+    """(model key, run id) of every run of the config, in config order."""
+    return [
+        (key, run_id(key, task, pattern, scorer))
+        for key, settings in config.models.items()
+        for task in settings.tasks
+        for pattern in settings.patterns
+        for scorer in settings.scorers
+    ]
+
+
 def stale_runs(config: ml_collections.ConfigDict, runs: Mapping[str, dict]) -> list[str]:
     """The ids of stored runs of the config whose fingerprint differs: computed with other
     settings, so the plan would compute them again."""
-    stale = []
-    for key, settings in config.models.items():
-        stamp = fingerprint(key, settings, config)
-        for task in settings.tasks:
-            for pattern in settings.patterns:
-                for scorer in settings.scorers:
-                    rid = run_id(key, task, pattern, scorer)
-                    if rid in runs and current(runs, rid, stamp) is None:
-                        stale.append(rid)
-    return stale
+    stamps = {key: fingerprint(key, settings, config) for key, settings in config.models.items()}
+    return [
+        rid
+        for key, rid in run_ids(config)
+        if rid in runs and current(runs, rid, stamps[key]) is None
+    ]
 
 
 def evaluations(loads: Sequence[Load]) -> int:

@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from es_jax.analysis import essential
+from es_jax.commands.command_line import first_line
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
@@ -140,11 +141,6 @@ def read_results(path: Path) -> dict:
 def _refuse_constant(name: str) -> float:
     """Refuses NaN and Infinity in results.json (strict JSON)."""
     raise ValueError(f"a non-finite number ({name})")
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message."""
-    return (str(error).splitlines() or [type(error).__name__])[0]
 
 
 @contextlib.contextmanager
