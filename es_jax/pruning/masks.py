@@ -1,4 +1,5 @@
-"""Masks from scores: global and layer-wise unstructured, nested levels, N:M, ERK; and `apply`.
+"""Masks from scores: global, layer-wise and per-output unstructured, nested levels, N:M, ERK; and
+`apply`.
 
 A mask is a bool pytree with the structure of the parameters: True where a weight is kept, `None`
 on leaves that are not targets. `filled_mask` and `target_leaf_flags` recast it for code that
@@ -16,6 +17,7 @@ also runs inside jit, as a `jax.experimental.checkify` check: wrap the caller in
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -24,6 +26,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from es_jax.pruning.paths import PyTree, Selector, check_like, path_string
 from es_jax.pruning.scores import check_finite, map_targets, random_scores, scores_message
@@ -55,7 +58,7 @@ def _is_one_level(sparsity: Any) -> bool:
             or getattr(sparsity, "ndim", None) == 0)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     """Whether `value` is a real number: a Python or numpy scalar (not a bool), or a numeric 0-d
     array."""
     if isinstance(value, np.ndarray | jax.Array):
@@ -69,7 +72,7 @@ def _level(value: Any) -> float:
         raise ValueError("sparsity is traced (an argument of a jitted function), but the number of "
                          "weights to remove, round(s * n), fixes the program: pass a Python float, "
                          "as a static argument (jax.jit(f, static_argnums=...)) or from a closure")
-    if not _is_number(value):
+    if not is_number(value):
         raise ValueError(f"a sparsity level is a number in [0, 1] (a float or a 0-d array), "
                          f"got {value!r}")
     level = float(value)
@@ -93,10 +96,14 @@ def _levels(sparsity: Sparsity) -> tuple[list[float], bool]:
     return levels, False
 
 
+Scope = Literal["global", "layerwise", "per_output"]
+SCOPES = ("global", "layerwise", "per_output")
+
+
 def _check_scope(scope: str) -> None:
-    """Refuses a scope other than 'global' and 'layerwise'."""
-    if scope not in ("global", "layerwise"):
-        raise ValueError(f"scope must be 'global' or 'layerwise', got {scope!r}")
+    """Refuses a scope other than 'global', 'layerwise' and 'per_output'."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
 
 
 def _assemble(treedef: Any, leaves: list[Any], targets: list[int], kept: list[Array]) -> PyTree:
@@ -107,11 +114,15 @@ def _assemble(treedef: Any, leaves: list[Any], targets: list[int], kept: list[Ar
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def unstructured(scores: PyTree, sparsity: Sparsity,
-                 scope: Literal["global", "layerwise"] = "global",
+def unstructured(scores: PyTree, sparsity: Sparsity, scope: Scope = "global",
                  transform: Callable[[Array], Array] | None = None,
                  checked: bool = False) -> PyTree | list[PyTree]:
-    """Removes the lowest scores: exactly round(s * n) of the n target weights (global) or per leaf.
+    """Removes the lowest scores: exactly round(s * n) of the n target weights (global), of each
+    leaf's n (layerwise), or of each output unit's n inputs (per_output).
+
+    Per output (Wanda's comparison group): the last axis of a leaf indexes its outputs (a Flax
+    `(in, out)` kernel), and each slice `leaf[..., j]` loses exactly round(s * leaf.size / out) of
+    its scores, ties broken by flat position within the slice; a leaf needs at least 2 axes.
 
     A list of sparsities gives a list of nested masks from one selection. With `transform` (an
     elementwise function, e.g. `jnp.abs` on a tree of the target weights) the scores are
@@ -127,13 +138,13 @@ def unstructured(scores: PyTree, sparsity: Sparsity,
     targets = [i for i, leaf in enumerate(leaves) if leaf is not None]
     check_finite([paths[i] for i in targets], [leaves[i] for i in targets], scores_message,
                  checked, transform)
-    masks = _unstructured_masks(treedef, leaves, levels, scope, transform)
+    masks = _unstructured_masks(treedef, leaves, levels, scope, transform, paths)
     return masks[0] if single else masks
 
 
-def _unstructured_masks(treedef: Any, leaves: list[Any], levels: list[float],
-                        scope: Literal["global", "layerwise"],
-                        transform: Callable[[Array], Array] | None) -> list[PyTree]:
+def _unstructured_masks(treedef: Any, leaves: list[Any], levels: list[float], scope: Scope,
+                        transform: Callable[[Array], Array] | None,
+                        paths: Sequence[str] = ()) -> list[PyTree]:
     """One mask tree per level from the target leaves' scores (unchecked): `unstructured`'s body."""
     targets = [i for i, leaf in enumerate(leaves) if leaf is not None]
     arrays = [leaves[i] for i in targets]
@@ -141,6 +152,11 @@ def _unstructured_masks(treedef: Any, leaves: list[Any], levels: list[float],
     if scope == "global":
         total = sum(a.size for a in arrays)
         per_level = kept_masks(arrays, [round(s * total) for s in ascending], transform)
+    elif scope == "per_output":
+        names = [paths[i] for i in targets] if paths else [str(i) for i in targets]
+        per_leaf = [per_output_kept(a, ascending, transform, name)
+                    for a, name in zip(arrays, names, strict=True)]
+        per_level = [list(level) for level in zip(*per_leaf, strict=True)]
     else:
         per_leaf = [kept_masks([a], [round(s * a.size) for s in ascending], transform)
                     for a in arrays]
@@ -150,7 +166,58 @@ def _unstructured_masks(treedef: Any, leaves: list[Any], levels: list[float],
     return [_assemble(treedef, leaves, targets, by_level[s]) for s in levels]
 
 
-def _group_kept(groups: Array, n: int) -> Array:
+def per_output_kept(leaf: Array, levels: Sequence[float],
+                    transform: Callable[[Array], Array] | None = None,
+                    path: str = "leaf") -> list[Array]:
+    """Kept masks of one leaf, one per ascending level, each output slice `leaf[..., j]` losing
+    exactly round(s * size / out) of its lowest scores (ties: lower flat position in the slice
+    first; non-finite scores lowest, see `sortable_keys`)."""
+    if leaf.ndim < 2:
+        raise ValueError(f"leaf {path!r} of shape {leaf.shape} has no input axis: per-output "
+                         f"pruning compares the inputs of each output unit, so it needs a kernel "
+                         f"of at least 2 axes (last = outputs); exclude the leaf or use "
+                         f"scope='layerwise'")
+    if leaf.size == 0:
+        return [jnp.ones(leaf.shape, jnp.bool_) for _ in levels]
+    group = leaf.size // leaf.shape[-1]
+    return list(_per_output_kept(leaf, tuple(round(s * group) for s in levels), transform))
+
+
+@functools.partial(jax.jit, static_argnames=("counts", "transform"))
+def _per_output_kept(leaf: Array, counts: tuple[int, ...],
+                     transform: Callable[[Array], Array] | None) -> tuple[Array, ...]:
+    """`per_output_kept`'s body: for each count k, each output slice's k-th smallest key found
+    bit by bit (32 counting passes, far cheaper than sorting on XLA:CPU), then the keys below it
+    and the first ties at it removed."""
+    scores = leaf if transform is None else transform(leaf)
+    keys = sortable_keys(jnp.moveaxis(scores, -1, 0).reshape(leaf.shape[-1], -1))
+    moved_shape = (leaf.shape[-1], *leaf.shape[:-1])
+    kept = []
+    for count in counts:
+        removed = _lowest_per_row(keys, count)
+        kept.append(jnp.moveaxis((~removed).reshape(moved_shape), 0, -1))
+    return tuple(kept)
+
+
+def _lowest_per_row(keys: Array, count: int) -> Array:
+    """Flags of the `count` lowest keys of each row (ties: lower position first)."""
+    if count == 0:
+        return jnp.zeros(keys.shape, jnp.bool_)
+
+    def bit(i: Array, kth: Array) -> Array:
+        # The largest t with fewer than `count` keys below it is the count-th smallest key.
+        candidate = kth | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+        below = jnp.sum(keys < candidate[:, None], axis=1, dtype=jnp.int32)
+        return jnp.where(below < count, candidate, kth)
+
+    kth = lax.fori_loop(0, 32, bit, jnp.zeros((keys.shape[0],), jnp.uint32))[:, None]
+    below = jnp.sum(keys < kth, axis=1, keepdims=True, dtype=jnp.int32)
+    ties = keys == kth
+    tie_rank = jnp.cumsum(ties, axis=1, dtype=jnp.int32)  # 1 at a row's first tie
+    return (keys < kth) | (ties & (tie_rank <= count - below))
+
+
+def group_kept(groups: Array, n: int) -> Array:
     """Kept flags keeping the n largest of each group along the last axis (ties: lower index)."""
     keys = sortable_keys(groups)
     m = groups.shape[-1]
@@ -190,7 +257,7 @@ def n_of_m(scores: PyTree, n: int, m: int, axis: int = 0, checked: bool = False)
                              f"divisible by m={m}; choose another axis or exclude the leaf")
         moved = jnp.moveaxis(leaf, axis, -1)
         groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
-        kept = _group_kept(groups, n).reshape(moved.shape)
+        kept = group_kept(groups, n).reshape(moved.shape)
         out.append(jnp.moveaxis(kept, -1, axis))
     return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -337,7 +404,7 @@ def target_leaf_flags(mask: PyTree) -> PyTree:
 
 
 def omp(params: PyTree, sparsity: Sparsity, where: Selector | None = None,
-        scope: Literal["global", "layerwise"] = "global", checked: bool = False) -> tuple[Any, Any]:
+        scope: Scope = "global", checked: bool = False) -> tuple[Any, Any]:
     """One-shot magnitude pruning: (pruned params, mask), or lists of both for a list of levels.
 
     The same masks as `unstructured(magnitude(params, where), ...)`, with |w| computed inside the
@@ -347,8 +414,8 @@ def omp(params: PyTree, sparsity: Sparsity, where: Selector | None = None,
     levels, single = _levels(sparsity)
     _check_scope(scope)
     # The weights are checked here; |w| of finite weights is finite, so it is not checked again.
-    _, leaves, treedef = _score_leaves(map_targets(params, where, lambda _, __, leaf: leaf,
-                                                   checked))
-    masks = _unstructured_masks(treedef, leaves, levels, scope, jnp.abs)
+    paths, leaves, treedef = _score_leaves(map_targets(params, where, lambda _, __, leaf: leaf,
+                                                       checked))
+    masks = _unstructured_masks(treedef, leaves, levels, scope, jnp.abs, paths)
     pruned = [apply(params, mask) for mask in masks]
     return (pruned[0], masks[0]) if single else (pruned, masks)
