@@ -5,6 +5,7 @@ Imports only jax and numpy, so it can be taken alone into any Flax codebase:
     scores = pruning.magnitude(params, where=r".*/(query|key|value)/kernel")
     mask = pruning.unstructured(scores, 0.5)      # exactly round(0.5 * n) removed, globally
     pruned = pruning.apply(params, mask)
+    result = pruning.sparsegpt(kernel, hessian, 0.5)   # one layer, OBS error compensation
 """
 
 from es_jax.pruning.masks import (
@@ -20,9 +21,11 @@ from es_jax.pruning.masks import (
 )
 from es_jax.pruning.paths import leaf_paths, select
 from es_jax.pruning.scores import magnitude, random_scores, wanda
+from es_jax.pruning.sparsegpt import Reconstruction, reconstruction_error, sparsegpt
 from es_jax.pruning.stats import format_report, near_zero, report, similarity
 
 __all__ = [
+    "Reconstruction",
     "apply",
     "erk",
     "erk_densities",
@@ -35,9 +38,11 @@ __all__ = [
     "near_zero",
     "omp",
     "random_scores",
+    "reconstruction_error",
     "report",
     "select",
     "similarity",
+    "sparsegpt",
     "target_leaf_flags",
     "unstructured",
     "wanda",
