@@ -20,6 +20,7 @@ Array = jax.Array
 Dtype = Any
 
 INPUT_SQUARES = "input_squares"
+INPUT_GRAM = "input_gram"
 
 
 def normal_init(stddev: float = 0.02) -> nnx.Initializer:
@@ -35,28 +36,34 @@ class InputSquares(nnx.Intermediate):
     """Per-feature sum of squares of a `Linear`'s inputs over all tokens (via `nnx.capture`)."""
 
 
+class InputGram(nnx.Intermediate):
+    """Sum over all tokens of x x^T of a `Linear`'s inputs x, (in, in) (via `nnx.capture`)."""
+
+
 class Linear(nnx.Linear):
     """`nnx.Linear` with an `(in, out)` kernel that, when viewed with `record_inputs=True`, sows
-    the per-feature sum of squares of its inputs (for Wanda's ||X||)."""
+    the per-feature sum of squares of its inputs (for Wanda's ||X||), and with `record_gram=True`
+    the sum of x x^T over its input tokens (SparseGPT's Hessian)."""
 
     record_inputs: bool = False
+    record_gram: bool = False
 
-    def set_view(self, record_inputs: bool | None = None) -> None:
+    def set_view(self, record_inputs: bool | None = None, record_gram: bool | None = None) -> None:
         """Switches input recording on or off (used through `nnx.view`)."""
         if record_inputs is not None:
             self.record_inputs = record_inputs
+        if record_gram is not None:
+            self.record_gram = record_gram
 
     def __call__(self, inputs: Array) -> Array:
         """Applies `inputs @ kernel + bias`, recording the input statistics if asked to."""
+        flat = inputs.reshape(-1, inputs.shape[-1]).astype(jnp.float32)
         if self.record_inputs:
-            flat = inputs.reshape(-1, inputs.shape[-1]).astype(jnp.float32)
-            self.sow(
-                InputSquares,
-                INPUT_SQUARES,
-                jnp.sum(jnp.square(flat), axis=0),
-                init_fn=lambda: 0.0,
-                reduce_fn=lambda total, value: total + value,
-            )
+            self.sow(InputSquares, INPUT_SQUARES, jnp.sum(jnp.square(flat), axis=0),
+                     init_fn=lambda: 0.0, reduce_fn=jnp.add)
+        if self.record_gram:
+            gram = jnp.matmul(flat.T, flat, precision=jax.lax.Precision.HIGHEST)
+            self.sow(InputGram, INPUT_GRAM, gram, init_fn=lambda: 0.0, reduce_fn=jnp.add)
         return super().__call__(inputs)
 
 
@@ -453,7 +460,9 @@ class CausalLM(nnx.Module):
     """A decoder and its language-model head: the token embeddings (tied) or a separate matrix.
 
     The decoder maps `(input_ids, attention_mask)` to hidden states and holds the token table as
-    `embed_tokens`; it is stored under the subclass's `backbone_name`, the attribute its checkpoint
+    `embed_tokens`, the first block's inputs as `embed(input_ids, attention_mask)` and its blocks
+    as `layers`, each `(hidden, attention_mask) -> hidden` (what `models.prune_sequential` walks
+    block by block); it is stored under the subclass's `backbone_name`, the attribute its checkpoint
     names it by (Llama "model", OPT "decoder"), so parameter paths mirror Hugging Face's.
     """
 

@@ -155,9 +155,14 @@ class LlamaModel(nnx.Module):
             config.hidden_size, eps=config.rms_norm_eps, param_dtype=config.param_dtype, rngs=rngs
         )
 
+    def embed(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """The hidden states the first block takes: the token embeddings (B, L, H)."""
+        del attention_mask  # positions enter through RoPE inside the blocks
+        return self.embed_tokens(input_ids)
+
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         """Final hidden states; `attention_mask` (B, L) marks real tokens (1) and padding (0)."""
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids, attention_mask)
         for layer in self.layers:
             x = layer(x, attention_mask)
         return self.norm(x)

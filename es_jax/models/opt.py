@@ -175,15 +175,20 @@ class OPTDecoder(nnx.Module):
         )
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-        """Last hidden states; `attention_mask` (B, L) marks real tokens (1) and padding (0)."""
-        if attention_mask is None:
-            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    def embed(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """The hidden states the first block takes: token (projected in) plus position
+        embeddings, after dropout (B, L, hidden)."""
         x = self.embed_tokens(input_ids)
         if self.project_in is not None:
             x = self.project_in(x)
         x = x + self.embed_positions(opt_positions(attention_mask) + POSITION_OFFSET)
-        x = self.dropout(x)
+        return self.dropout(x)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """Last hidden states; `attention_mask` (B, L) marks real tokens (1) and padding (0)."""
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        x = self.embed(input_ids, attention_mask)
         for layer in self.layers:
             x = layer(x, attention_mask)
         if self.final_layer_norm is not None:

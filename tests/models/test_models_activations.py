@@ -1,5 +1,6 @@
-"""models.activation_norms: input-feature L2 norms of every PRUNABLE kernel, checked against the
-inputs PyTorch's BERT feeds the same layers (captured with forward hooks, reduced in numpy)."""
+"""models.activation_norms and activation_grams: input-feature L2 norms and input Gram matrices of
+every PRUNABLE kernel, checked against the inputs PyTorch's BERT feeds the same layers (captured
+with forward hooks, reduced in numpy)."""
 
 import warnings
 
@@ -30,12 +31,19 @@ def tiny(tiny_bert):
 
 def _numpy_norms(theirs, batches, hf_modules):
     """{our kernel path: sqrt(sum over tokens of x^2)} from the inputs PyTorch's layers receive."""
+    grams = _numpy_grams(theirs, batches, hf_modules)
+    return {path: np.sqrt(np.diag(gram)) for path, gram in grams.items()}
+
+
+def _numpy_grams(theirs, batches, hf_modules):
+    """{our kernel path: sum over tokens of x x^T} from the inputs PyTorch's layers receive."""
     sums = {}
 
     def hook(path):
         def record(module, inputs, output):
             x = inputs[0].detach().numpy().astype(np.float64)
-            sums[path] = sums.get(path, 0.0) + np.square(x.reshape(-1, x.shape[-1])).sum(0)
+            x = x.reshape(-1, x.shape[-1])
+            sums[path] = sums.get(path, 0.0) + x.T @ x
 
         return record
 
@@ -49,7 +57,7 @@ def _numpy_norms(theirs, batches, hf_modules):
             theirs(**{k: torch.tensor(v) for k, v in batch.items()})
     for handle in handles:
         handle.remove()
-    return {path: np.sqrt(total) for path, total in sums.items()}
+    return sums
 
 
 def test_norms_match_a_numpy_computation_on_pytorch_inputs(tiny, bert_hf_modules):
@@ -60,6 +68,19 @@ def test_norms_match_a_numpy_computation_on_pytorch_inputs(tiny, bert_hf_modules
     assert len(got) == 6 * theirs.config.num_hidden_layers
     for path, norms in got.items():
         np.testing.assert_allclose(np.asarray(norms), expected[path], rtol=1e-4, err_msg=path)
+
+
+def test_grams_match_a_numpy_computation_on_pytorch_inputs(tiny, bert_hf_modules):
+    theirs, ours, batches = tiny
+    got = models.activation_grams(ours, batches)
+    expected = _numpy_grams(theirs, batches, bert_hf_modules)
+    assert sorted(got) == sorted(expected)
+    for path, gram in got.items():
+        assert gram.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(gram), expected[path], rtol=1e-4, atol=1e-4,
+                                   err_msg=path)
+    down = "encoder/layers/1/mlp/down/kernel"
+    assert got[down].shape == (ours.config.intermediate_size,) * 2
 
 
 def test_keys_are_the_prunable_parameter_paths_and_feed_wanda(tiny):
