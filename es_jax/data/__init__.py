@@ -6,6 +6,7 @@ Readers (lists in a fixed order; local sets are built once into the data dir):
   documents(name) -> list[str]                "wikipedia" (dump order) | "lee_background"
   labelled_sentences("pang_lee") -> (sentences, labels)
   source(name, split) -> tfds data source     local short names or catalogue names
+  question_set(data, split) -> list[Question] MMLU-format folder | "tfds:NAME" | "facts" (bundled)
 Pipelines (grain):
   padded_batches, packed_lm_dataset, token_blocks, subset_documents, tokenize_padded
 Pre-training corpora and vocabularies (es_jax.data.corpora, es_jax.data.wordpiece):
@@ -17,6 +18,7 @@ Fine-tuning tasks (es_jax.data.tasks):
 """
 
 from es_jax.data.corpora import corpus_documents, training_documents
+from es_jax.data.multiple_choice import Question, question_set
 from es_jax.data.pipelines import (
     host_shard,
     packed_lm_dataset,
@@ -54,6 +56,7 @@ __all__ = [
     "CATALOGUE",
     "CLASSIFICATION_TASKS",
     "SPECIAL_TOKENS",
+    "Question",
     "WordPieceTokenizer",
     "cached_wordpiece",
     "classification_batches",
@@ -68,6 +71,7 @@ __all__ = [
     "local_builder",
     "packed_lm_dataset",
     "padded_batches",
+    "question_set",
     "resolve_data_dir",
     "source",
     "squad_features",

@@ -176,11 +176,15 @@ def word_pair_similarity(
     return Evaluator(task, "spearman", True, score, (forward,), len(pairs))
 
 
+def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """The fp32 log-probability of each target token under its logits: (..., V), (...) -> (...)."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+
+
 def _token_nll(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
     """Summed negative log-likelihood of `targets` under `logits`, weighted; fp32."""
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-    return -(picked * weights).sum()
+    return -(token_log_probs(logits, targets) * weights).sum()
 
 
 def causal_lm_nll(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:

@@ -2,8 +2,9 @@
 
 A task turns (model, tokenizer, settings) into an `Evaluator` whose batches are tokenised once.
 Zero-shot tasks run on the pre-trained model as it is (embedding similarity on an encoder,
-perplexity on a causal LM, MLM loss on a masked LM); fine-tune tasks (GLUE, SQuAD, CIFAR) need a
-fresh head and masked fine-tuning first, which the sweep does before calling the evaluator.
+perplexity and multiple-choice accuracy on a causal LM, MLM loss on a masked LM); fine-tune tasks
+(GLUE, SQuAD, CIFAR) need a fresh head and masked fine-tuning first, which the sweep does before
+calling the evaluator.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ class TaskSettings:
     max_examples: int = 0  # keep the first N documents / pairs (0 = all)
     lm_length: int = 256  # tokens per block of the fixed Wikipedia text
     lm_blocks: int = 16  # blocks of the fixed Wikipedia text
+    # mmlu: the questions (an MMLU-format folder, "tfds:NAME" or a bundled set such as "facts"),
+    # solved examples per prompt (from the dev split), and "letter" or "text" continuations.
+    mc_data: str = "facts"
+    mc_shots: int = 0
+    mc_style: str = "letter"
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,7 @@ TASKS: dict[str, Task] = {
         Task("wikitext", "perplexity", False, CAUSAL_LM, "zero_shot", "Wikipedia perplexity"),
         Task("wikitext_loss", "lm_loss", False, CAUSAL_LM, "zero_shot", "Wikipedia LM loss"),
         Task("wikitext_mlm", "mlm_loss", False, MASKED_LM, "zero_shot", "Wikipedia MLM loss"),
+        Task("mmlu", "accuracy", True, CAUSAL_LM, "zero_shot", "MMLU-format multiple choice"),
         Task("glue/mnli", "accuracy", True, CLASSIFIER, "finetune", "MNLI matched accuracy"),
         Task("glue/qnli", "accuracy", True, CLASSIFIER, "finetune", "QNLI accuracy"),
         Task("glue/qqp", "accuracy", True, CLASSIFIER, "finetune", "QQP accuracy"),
@@ -160,15 +167,23 @@ def lm_blocks(
 
 
 def calibration_batches(
-    tokenizer: Any, data_dir: str, length: int, blocks: int, batch_size: int
+    tokenizer: Any,
+    data_dir: str,
+    length: int,
+    blocks: int,
+    batch_size: int,
+    corpus: str = "lee_background",
 ) -> list[dict[str, np.ndarray]]:
-    """Wanda calibration inputs: `blocks` of `length` tokens of Lee background news, which no
-    evaluation reads."""
+    """Calibration inputs (Wanda, SparseGPT): the first `blocks` of `length` tokens of a corpus
+    ("lee_background" news by default, which no evaluation reads, or "wikipedia")."""
     from es_jax import data
 
-    documents = data.documents("lee_background", data_dir or None)
+    documents = data.documents(corpus, data_dir or None)
     batches = lm_blocks(documents, tokenizer, length, blocks, batch_size)
-    return [{k: b[k] for k in ("input_ids", "attention_mask")} for b in batches]
+    # Every calibration token counts, so a short last batch loses its padding rows.
+    real = [int(b["weights"].sum()) for b in batches]
+    return [{k: b[k][:n] for k in ("input_ids", "attention_mask")}
+            for b, n in zip(batches, real, strict=True) if n]
 
 
 def wikipedia_blocks(tokenizer: Any, settings: TaskSettings) -> list[dict[str, np.ndarray]]:
@@ -208,6 +223,29 @@ def build_wikitext_mlm(
     return evaluators.mlm_loss(model, batches, task="wikitext_mlm")
 
 
+def build_mmlu(model: nnx.Module, tokenizer: Any, settings: TaskSettings) -> evaluators.Evaluator:
+    """Multiple-choice accuracy of a causal LM on the first `max_examples` test questions of
+    `mc_data`, scored by choice log-likelihoods (es_jax.evaluate.multiple_choice)."""
+    from es_jax import data
+    from es_jax.evaluate import multiple_choice
+
+    data_dir = settings.data_dir or None
+    questions = data.question_set(settings.mc_data, "test", data_dir)
+    questions = _limited(questions, settings.max_examples)
+    dev = data.question_set(settings.mc_data, "dev", data_dir) if settings.mc_shots > 0 else []
+    return multiple_choice.multiple_choice(
+        model,
+        tokenizer,
+        questions,
+        dev,
+        shots=settings.mc_shots,
+        style=settings.mc_style,
+        max_length=settings.max_length,
+        batch_size=settings.batch_size,
+        task="mmlu",
+    )
+
+
 ZERO_SHOT_BUILDERS: dict[str, Callable[[nnx.Module, Any, TaskSettings], evaluators.Evaluator]] = {
     "lee": build_lee,
     "wordsim353": lambda m, t, s: build_word_pairs("wordsim353", m, t, s),
@@ -215,6 +253,7 @@ ZERO_SHOT_BUILDERS: dict[str, Callable[[nnx.Module, Any, TaskSettings], evaluato
     "wikitext": lambda m, t, s: build_wikitext("perplexity", m, t, s),
     "wikitext_loss": lambda m, t, s: build_wikitext("lm_loss", m, t, s),
     "wikitext_mlm": build_wikitext_mlm,
+    "mmlu": build_mmlu,
 }
 
 
