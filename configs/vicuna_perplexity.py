@@ -1,15 +1,21 @@
 """es-jax sweep --config configs/vicuna_perplexity.py --workdir runs/vicuna_perplexity
 
 Vicuna-7B pruned zero-shot (no fine-tuning), as in the paper's section 7: one-shot magnitude and
-Wanda pruning of q, k, v, o, gate, up and down of every layer at 0-90%, scored by perplexity on a
-fixed Wikipedia text (64 blocks of 1,024 tokens). The paper's Figure 11 uses MMLU, whose data is
-not available offline; perplexity stands in for it here. Needs the hub checkpoint and an
+Wanda pruning of q, k, v, o, gate, up and down of every layer at 0-90%, scored by MMLU accuracy
+(the paper's Figure 11 uses MMLU; here 5-shot, MMLU's standard, each choice's letter scored by its
+log-likelihood) and by perplexity on a fixed Wikipedia text (64 blocks of 1,024 tokens). MMLU's
+data is not available offline, so the bundled "facts" question set (75 questions in MMLU's
+format) stands in for it; give the real MMLU data folder (its `test/` and `dev/` CSV files) with
+`--config.models.vicuna_7b.mc_data=/path/to/mmlu/data`. Needs the hub checkpoint and an
 accelerator with about 30 GB of memory. Smoke run: `--config configs/vicuna_perplexity.py:tiny`.
 """
 
 import ml_collections
 
 from es_jax.commands import sweep_config
+
+# MMLU's data folder (CSV files as in its tarball); "facts" is the bundled offline stand-in.
+MMLU_DATA = "facts"
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -18,9 +24,13 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.models = ml_collections.ConfigDict()
     config.models.vicuna_7b = sweep_config.model_settings(
         name="lmsys/vicuna-7b-v1.3",
-        tasks=("wikitext",),
+        tasks=("mmlu", "wikitext"),
         scorers=("magnitude", "wanda"),
         patterns=("global", "2:4"),
+        mc_data=MMLU_DATA,
+        mc_shots=5,
+        mc_style="letter",
+        max_length=2048,  # 5-shot MMLU prompts: longer ones lose their first examples
         lm_length=1024,
         lm_blocks=64,
         batch_size=4,

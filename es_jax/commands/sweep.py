@@ -7,17 +7,20 @@ bundled models. `run` asks the plan (`sweep_plan.plan`: the config and what resu
 holds -> the loads still to do) and executes it: for each load, the model is loaded once with one
 jitted evaluator per task (compiled once for all levels) and its dense values evaluated; then for
 each scorer (magnitude, Wanda, random) the scores are computed once and, for each pattern (global,
-layerwise, N:M), the nested masks of every level left come from one selection; each mask is
-applied and every task lacking that level evaluated. Each finished level is written to
-`WORKDIR/results.json` atomically, so a crash loses none and a re-run resumes from the plan. At
-the end: essential sparsity and knee per run, a CSV, a summary and plots.
+layerwise, per_output, N:M), the nested masks of every level left come from one selection; each
+mask is applied and every task lacking that level evaluated. The sequential methods (SparseGPT,
+Wanda as its reference runs it) prune the model block by block on calibration text once per
+level instead (`models.prune_sequential`). Each level records how long its pruning took. Each
+finished level is written to `WORKDIR/results.json` atomically, so a crash loses none and a
+re-run resumes from the plan. At the end: essential sparsity and knee per run, a CSV, a summary
+and plots.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -29,6 +32,7 @@ from tqdm.auto import tqdm
 from es_jax.commands import command_line, sweep_plan
 from es_jax.commands.sweep_config import (
     HEAD_TASK,
+    SEQUENTIAL_SCORERS,
     Pattern,
     default_config,
     finetune_config,
@@ -121,6 +125,9 @@ def task_settings(config: Any, settings: Any) -> task_registry.TaskSettings:
         max_examples=settings.max_examples,
         lm_length=settings.lm_length,
         lm_blocks=settings.lm_blocks,
+        mc_data=settings.mc_data,
+        mc_shots=settings.mc_shots,
+        mc_style=settings.mc_style,
     )
 
 
@@ -151,6 +158,18 @@ def load_model(
     return model, tokenizer
 
 
+def calibration(prepared: ModelRun, config: Any, settings: Any) -> list[dict]:
+    """The model entry's calibration batches (Wanda, SparseGPT)."""
+    return task_registry.calibration_batches(
+        prepared.tokenizer,
+        config.data_dir,
+        settings.calibration_length,
+        settings.calibration_blocks,
+        settings.batch_size,
+        corpus=settings.calibration_text,
+    )
+
+
 def scores_of(scorer: str, prepared: ModelRun, config: Any, settings: Any) -> Any:
     """Pruning scores of the target weights: |W|, Wanda's |W| * ||X||, or random."""
     from es_jax import models, pruning
@@ -160,14 +179,7 @@ def scores_of(scorer: str, prepared: ModelRun, config: Any, settings: Any) -> An
         return pruning.magnitude(params, where=where)
     if scorer == "random":
         return pruning.random_scores(params, jax.random.key(config.seed), where=where)
-    batches = task_registry.calibration_batches(
-        prepared.tokenizer,
-        config.data_dir,
-        settings.calibration_length,
-        settings.calibration_blocks,
-        settings.batch_size,
-    )
-    norms = models.activation_norms(prepared.model, batches)
+    norms = models.activation_norms(prepared.model, calibration(prepared, config, settings))
     return pruning.wanda(params, norms, where=where)
 
 
@@ -180,6 +192,74 @@ def masks_of(scores: Any, pattern: Pattern, sparsities: Sequence[float]) -> list
     if pattern.is_n_of_m:
         return [pruning.n_of_m(scores, n=pattern.n, m=pattern.m)]
     return pruning.unstructured(scores, list(sparsities), scope=pattern.name)
+
+
+class Pruned(NamedTuple):
+    """One level's pruned parameters, its mask, and the seconds its pruning took."""
+
+    params: Any
+    mask: Any
+    seconds: float
+
+
+class ScoreMethod:
+    """A scorer whose scores are computed once: every curve's levels are masks of one selection,
+    applied to the parameters. A level's seconds are its share of the selection and its apply."""
+
+    def __init__(self, scorer: str, prepared: ModelRun, config: Any, settings: Any,
+                 apply: Callable[[Any, Any], Any]):
+        start = time.perf_counter()
+        self.scores = jax.block_until_ready(scores_of(scorer, prepared, config, settings))
+        self.seconds = time.perf_counter() - start  # the scores' own cost, once per load
+        self.params = prepared.params
+        self.apply = apply
+
+    def levels(self, pattern: Pattern, sparsities: Sequence[float]) -> Iterator[Pruned]:
+        """The pruned parameters of each sparsity (one N:M level for an N:M pattern)."""
+        start = time.perf_counter()
+        masks = jax.block_until_ready(masks_of(self.scores, pattern, sparsities))
+        share = (time.perf_counter() - start) / max(len(masks), 1)
+        for mask in masks:
+            start = time.perf_counter()
+            pruned = jax.block_until_ready(self.apply(self.params, mask))
+            yield Pruned(pruned, mask, share + time.perf_counter() - start)
+
+
+class SequentialMethod:
+    """SparseGPT or Wanda run as their references do: block by block on calibration text, with
+    inputs through the pruned blocks (`models.prune_sequential`), once per level."""
+
+    def __init__(self, scorer: str, prepared: ModelRun, config: Any, settings: Any):
+        self.method = "wanda" if scorer == "wanda_sequential" else scorer
+        self.model = prepared.model
+        self.batches = calibration(prepared, config, settings)
+        self.options = {"where": prepared.where, "block_size": settings.sparsegpt_block_size,
+                        "dampening": settings.sparsegpt_dampening}
+        self.seconds = 0.0  # no work shared between levels
+
+    def levels(self, pattern: Pattern, sparsities: Sequence[float]) -> Iterator[Pruned]:
+        """The pruned parameters of each sparsity, each pruned from the dense model."""
+        from es_jax import models
+
+        for sparsity in sparsities:
+            shape = (
+                {"n": pattern.n, "m": pattern.m} if pattern.is_n_of_m else {"sparsity": sparsity}
+            )
+            start = time.perf_counter()
+            pruned, mask = models.prune_sequential(
+                self.model, self.batches, self.method, **shape, **self.options
+            )
+            jax.block_until_ready(pruned)
+            yield Pruned(pruned, mask, time.perf_counter() - start)
+
+
+def method_of(
+    scorer: str, prepared: ModelRun, config: Any, settings: Any, apply: Callable[[Any, Any], Any]
+) -> ScoreMethod | SequentialMethod:
+    """How a scorer prunes: one selection over its scores, or block by block per level."""
+    if scorer in SEQUENTIAL_SCORERS:
+        return SequentialMethod(scorer, prepared, config, settings)
+    return ScoreMethod(scorer, prepared, config, settings, apply)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,14 +402,14 @@ def execute(
         if not curves and (plot is None or plot.scorer != scorer):
             continue
         bar.set_description(f"{load.model} {scorer} scores")
-        scores = scores_of(scorer, prepared, config, settings)
+        method = method_of(scorer, prepared, config, settings, context.apply)
         for curve in curves:
-            plot = execute_curve(context, curve, scores, plot, workdir)
+            plot = execute_curve(context, curve, method, plot, workdir)
         if plot is not None and plot.scorer == scorer:
-            (mask,) = masks_of(scores, plot.pattern, [plot.sparsity])
-            plot_masks(prepared, mask, plot, workdir)
+            (level,) = method.levels(plot.pattern, [plot.sparsity])
+            plot_masks(prepared, level.mask, plot, workdir)
             plot = None
-        del scores
+        del method
     for name, evaluator in prepared.evaluators.items():
         store.compilations[f"{load.model}/{name}"] = evaluator.compilations()
     store.save()
@@ -338,7 +418,7 @@ def execute(
 def execute_curve(
     context: LoadContext,
     curve: sweep_plan.Curve,
-    scores: Any,
+    method: ScoreMethod | SequentialMethod,
     plot: MaskPlot | None,
     workdir: Path,
 ) -> MaskPlot | None:
@@ -348,16 +428,17 @@ def execute_curve(
     draw (None once drawn).
     """
     pattern = parse_pattern(curve.pattern)
-    records = open_records(context, curve)
+    records = open_records(context, curve, method.seconds)
     levels = curve.levels
     while levels:
         sparsities = [level.sparsity for level in levels]
-        masks = masks_of(scores, pattern, sparsities)
-        if plot_here(plot, curve.scorer, pattern, sparsities):
-            plot_masks(context.prepared, masks[sparsities.index(plot.sparsity)], plot, workdir)
-            plot = None
-        evaluate_levels(context, records, f"{curve.pattern}/{curve.scorer}", masks, levels)
-        del masks
+        plotted = plot_here(plot, curve.scorer, pattern, sparsities)
+        label = f"{curve.pattern}/{curve.scorer}"
+        for level, pruned in zip(levels, method.levels(pattern, sparsities), strict=True):
+            if plotted and plot is not None and level.sparsity == plot.sparsity:
+                plot_masks(context.prepared, pruned.mask, plot, workdir)
+                plot = None
+            evaluate_level(context, records, label, level, pruned)
         levels = sweep_plan.missing_levels(context.config, records, pattern)
         context.bar.total += sum(len(level.tasks) for level in levels)
     return plot
@@ -393,8 +474,11 @@ def dense_values(
     return values
 
 
-def open_records(context: LoadContext, curve: sweep_plan.Curve) -> dict[str, dict]:
-    """The run records of one curve for every task, with dense and level 0 filled."""
+def open_records(
+    context: LoadContext, curve: sweep_plan.Curve, scores_seconds: float
+) -> dict[str, dict]:
+    """The run records of one curve for every task, with dense, level 0 and the seconds the
+    curve's scores took (0 for the sequential methods, which share no work across levels)."""
     records = {}
     for name, evaluator in context.prepared.evaluators.items():
         record = context.store.run(
@@ -403,6 +487,7 @@ def open_records(context: LoadContext, curve: sweep_plan.Curve) -> dict[str, dic
         )
         record["dense"] = context.dense[name]
         record["num_examples"] = evaluator.num_examples
+        record["scores_seconds"] = scores_seconds
         if 0.0 in context.config.grid and level_of(record, 0.0) is None:
             record["levels"].append(
                 level_record(0.0, context.dense_sparsity, context.dense[name])
@@ -412,25 +497,25 @@ def open_records(context: LoadContext, curve: sweep_plan.Curve) -> dict[str, dic
     return records
 
 
-def evaluate_levels(
+def evaluate_level(
     context: LoadContext,
     records: dict[str, dict],
     label: str,
-    masks: Sequence[Any],
-    levels: Sequence[sweep_plan.Level],
+    level: sweep_plan.Level,
+    pruned: Pruned,
 ) -> None:
-    """Applies each mask and evaluates the tasks that lack its level; saves after every one."""
+    """Evaluates the tasks that lack this level on its pruned parameters; saves after each."""
     prepared = context.prepared
-    for level, mask in zip(levels, masks, strict=True):
-        pruned = context.apply(prepared.params, mask)
-        sparsity = measured(pruned, prepared.where)
-        for name in level.tasks:
-            context.bar.set_description(f"{prepared.key}/{name} {label} {level.sparsity:.2f}")
-            value = prepared.value(name, pruned, mask)
-            value = finite(value, f"{prepared.key}/{name} at {level.sparsity:g} sparsity")
-            records[name]["levels"].append(level_record(level.sparsity, sparsity, value))
-            context.store.save()
-            context.bar.update(1)
+    sparsity = measured(pruned.params, prepared.where)
+    for name in level.tasks:
+        context.bar.set_description(f"{prepared.key}/{name} {label} {level.sparsity:.2f}")
+        value = prepared.value(name, pruned.params, pruned.mask)
+        value = finite(value, f"{prepared.key}/{name} at {level.sparsity:g} sparsity")
+        record = level_record(level.sparsity, sparsity, value)
+        record["prune_seconds"] = pruned.seconds
+        records[name]["levels"].append(record)
+        context.store.save()
+        context.bar.update(1)
 
 
 def finite(value: float, label: str) -> float:

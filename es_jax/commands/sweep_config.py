@@ -4,9 +4,10 @@ The config of `es-jax sweep` and its checks: the embedded default (`default_conf
 `get_config()` so that `--config es_jax/commands/sweep_config.py[:tiny]` works like any config
 file), one model entry's settings (`model_settings()`), the `:tiny` variant that shrinks any
 sweep config to a smoke run of tiny random models (`with_variant`), and everything that can be
-checked before any work starts: sparsity patterns (global, layerwise, N:M), the grid, scorers,
-each model's family against the kind of model its tasks need, and fine-tune settings, so a bad
-config fails with a ValueError up front.
+checked before any work starts: sparsity patterns (global, layerwise, per_output, N:M), the
+grid, scorers and the patterns each takes, each model's family against the kind of model its
+tasks need, the calibration text, and fine-tune settings, so a bad config fails with a
+ValueError up front.
 """
 
 from __future__ import annotations
@@ -21,8 +22,14 @@ import ml_collections
 from es_jax.analysis import essential
 from es_jax.evaluate import tasks as task_registry
 
-SCORERS = ("magnitude", "wanda", "random")
-NAMED_PATTERNS = ("global", "layerwise")
+# Scorers whose scores are computed once and give every level's mask by one selection.
+SCORE_SCORERS = ("magnitude", "wanda", "random")
+# Methods that prune block by block on calibration data, once per level (models.prune_sequential),
+# with the named patterns each takes besides N:M: SparseGPT selects within each kernel, Wanda as
+# its paper does within each output unit.
+SEQUENTIAL_SCORERS = {"sparsegpt": "layerwise", "wanda_sequential": "per_output"}
+SCORERS = (*SCORE_SCORERS, *SEQUENTIAL_SCORERS)
+NAMED_PATTERNS = ("global", "layerwise", "per_output")
 N_OF_M = re.compile(r"^(\d+):(\d+)$")
 MIN_SPEARMAN = 3  # examples a Spearman correlation needs to be a finite number
 FREE_FORM = ("tiny", "finetune")  # model settings whose keys are not fixed in advance
@@ -63,13 +70,22 @@ def model_settings(**overrides: Any) -> ml_collections.ConfigDict:
             "scorers": ("magnitude",),
             "patterns": ("global",),
             "batch_size": 16,
-            "max_length": 256,  # tokens per document (Lee) or sentence
+            "max_length": 256,  # tokens per document (Lee), sentence or MMLU prompt + answer
             "word_max_length": 16,  # tokens per word (WordSim-353, SimLex-999)
-            "max_examples": 0,  # keep the first N documents / pairs (0 = all)
+            "max_examples": 0,  # keep the first N documents / pairs / questions (0 = all)
             "lm_length": 256,  # tokens per block of the fixed Wikipedia text
             "lm_blocks": 16,  # blocks of the fixed Wikipedia text (perplexity, MLM loss)
-            "calibration_blocks": 8,  # Wanda calibration: blocks of Lee background news
+            # mmlu: the questions, an MMLU-format folder (<subject>_test.csv, _dev.csv), a tfds
+            # dataset "tfds:NAME" (question, choices, answer) or the bundled offline set "facts".
+            "mc_data": "facts",
+            "mc_shots": 0,  # solved examples of the same subject (from dev) before each question
+            "mc_style": "letter",  # continuations " A", " B", ... or "text": " " + the choice
+            # Calibration (Wanda, SparseGPT): blocks of a corpus that no evaluation reads.
+            "calibration_text": "lee_background",
+            "calibration_blocks": 8,
             "calibration_length": 256,
+            "sparsegpt_block_size": 128,  # SparseGPT's column blocks
+            "sparsegpt_dampening": 0.01,  # added to the Hessian's diagonal, times its mean
             # Fine-tune tasks (GLUE, SQuAD, CIFAR): overrides of the paper's Table 1 settings
             # (es_jax.train.finetune.FinetuneConfig fields, e.g. total_steps, learning_rate).
             "finetune": ml_collections.ConfigDict(),
@@ -144,7 +160,7 @@ def with_variant(
 def shrink(config: ml_collections.ConfigDict, family_of_entry: dict[str, str]) -> None:
     """Turns a paper config into a smoke run (in place): tiny random models, two levels, two
     training steps, a few examples, the first task and pattern of each model entry, and one
-    entry per distinct (family, model kind, pattern kind)."""
+    entry per distinct (family, model kind, pattern kind, scorers)."""
     from es_jax.models import hub
 
     config.grid = (0.0, 0.5)
@@ -156,6 +172,7 @@ def shrink(config: ml_collections.ConfigDict, family_of_entry: dict[str, str]) -
             family,
             task_registry.get(settings.tasks[0]).head,
             parse_pattern(settings.patterns[0]).is_n_of_m,
+            tuple(settings.scorers),
         )
         if kind in seen:
             del config.models[key]
@@ -184,7 +201,8 @@ def shrink(config: ml_collections.ConfigDict, family_of_entry: dict[str, str]) -
 
 @dataclass(frozen=True)
 class Pattern:
-    """A sparsity pattern: global or layerwise unstructured, or N:M (keep n of every m)."""
+    """A sparsity pattern: global, layerwise or per-output unstructured, or N:M (keep n of every
+    m)."""
 
     name: str
     n: int = 0
@@ -197,7 +215,8 @@ class Pattern:
 
 
 def parse_pattern(text: str) -> Pattern:
-    """A Pattern from "global", "layerwise" or "N:M" (e.g. "2:4"); ValueError otherwise."""
+    """A Pattern from "global", "layerwise", "per_output" or "N:M" (e.g. "2:4"); ValueError
+    otherwise."""
     if text in NAMED_PATTERNS:
         return Pattern(text)
     match = N_OF_M.match(text)
@@ -206,7 +225,9 @@ def parse_pattern(text: str) -> Pattern:
         if not 0 < n < m:
             raise ValueError(f"pattern {text!r}: N:M needs 0 < N < M (keep N of every M).")
         return Pattern(text, n, m)
-    raise ValueError(f"unknown pattern {text!r}; use 'global', 'layerwise' or N:M such as '2:4'.")
+    raise ValueError(
+        f"unknown pattern {text!r}; use 'global', 'layerwise', 'per_output' or N:M such as '2:4'."
+    )
 
 
 def check_grid(grid: Sequence[float], where: str = "grid") -> tuple[float, ...]:
@@ -275,6 +296,67 @@ def check_examples(key: str, settings: ml_collections.ConfigDict) -> None:
             )
 
 
+def check_scorer(key: str, settings: ml_collections.ConfigDict, scorer: str) -> None:
+    """Refuses an unknown scorer, a pattern a sequential method does not take, a sequential
+    method on a model that is not a causal LM, and calibration on the evaluation text."""
+    from es_jax.data.corpora import OFFLINE_CORPORA
+
+    if scorer not in SCORERS:
+        raise ValueError(f"models.{key}: unknown scorer {scorer!r}; use one of {SCORERS}.")
+    if scorer in ("wanda", *SEQUENTIAL_SCORERS):
+        if settings.calibration_text not in OFFLINE_CORPORA:
+            raise ValueError(
+                f"models.{key}.calibration_text={settings.calibration_text!r} is not a corpus; "
+                f"use one of {list(OFFLINE_CORPORA)}."
+            )
+        evaluated = {TASK_TEXT[t] for t in settings.tasks if t in TASK_TEXT}
+        if settings.calibration_text in evaluated:
+            raise ValueError(
+                f"models.{key}: calibration_text={settings.calibration_text!r} is the text "
+                f"{list(settings.tasks)} evaluate on; calibrate on another corpus "
+                "(e.g. 'lee_background')."
+            )
+    if scorer not in SEQUENTIAL_SCORERS:
+        return
+    named = SEQUENTIAL_SCORERS[scorer]
+    for text in settings.patterns:
+        pattern = parse_pattern(text)
+        if not pattern.is_n_of_m and pattern.name != named:
+            raise ValueError(
+                f"models.{key}: {scorer} prunes with the patterns {named!r} and N:M, not "
+                f"{text!r}; put {scorer} in a model entry of its own with those patterns."
+            )
+    heads = {task_registry.get(t).head for t in settings.tasks}
+    if heads != {task_registry.CAUSAL_LM}:
+        raise ValueError(
+            f"models.{key}: {scorer} prunes a causal LM block by block, but the tasks "
+            f"{list(settings.tasks)} need a {sorted(heads)} model; use it with causal-LM tasks."
+        )
+    if settings.sparsegpt_block_size <= 0 or settings.sparsegpt_dampening < 0:
+        raise ValueError(
+            f"models.{key}: sparsegpt_block_size must be positive and sparsegpt_dampening "
+            f"non-negative, got {settings.sparsegpt_block_size}, {settings.sparsegpt_dampening}."
+        )
+
+
+def check_multiple_choice(key: str, settings: ml_collections.ConfigDict) -> None:
+    """Refuses a multiple-choice style or shot count the mmlu task cannot use."""
+    from es_jax.evaluate.multiple_choice import STYLES
+
+    if "mmlu" not in settings.tasks:
+        return
+    if settings.mc_style not in STYLES:
+        raise ValueError(
+            f"models.{key}.mc_style={settings.mc_style!r}; use one of {STYLES}."
+        )
+    if settings.mc_shots < 0:
+        raise ValueError(f"models.{key}.mc_shots must be >= 0, got {settings.mc_shots}.")
+
+
+# The corpus each text task evaluates on (calibration must not read it).
+TASK_TEXT = {"wikitext": "wikipedia", "wikitext_loss": "wikipedia", "wikitext_mlm": "wikipedia"}
+
+
 def validate(config: ml_collections.ConfigDict) -> dict[str, str]:
     """Checks the whole config; returns {model key: family}. ValueError before any work."""
     unknown = sorted(set(config.keys()) - TOP_LEVEL_KEYS)
@@ -302,12 +384,12 @@ def validate(config: ml_collections.ConfigDict) -> dict[str, str]:
         for pattern in settings.patterns:
             parse_pattern(pattern)
         for scorer in settings.scorers:
-            if scorer not in SCORERS:
-                raise ValueError(f"models.{key}: unknown scorer {scorer!r}; use one of {SCORERS}.")
+            check_scorer(key, settings, scorer)
         for name in ("batch_size", "max_length", "word_max_length", "lm_length", "lm_blocks"):
             if settings[name] <= 0:
                 raise ValueError(f"models.{key}.{name} must be positive, got {settings[name]}.")
         check_examples(key, settings)
+        check_multiple_choice(key, settings)
         family = family_name(model_type(settings))
         for task_name in settings.tasks:
             try:

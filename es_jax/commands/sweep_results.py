@@ -214,6 +214,7 @@ CSV_FIELDS = (
     "measured_sparsity",
     "model_sparsity",
     "value",
+    "prune_seconds",
     "dense",
     "drop",
     "essential_sparsity",

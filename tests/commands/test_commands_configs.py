@@ -16,6 +16,7 @@ EXPERIMENTS = (
     "opt_glue.py",
     "vit_dino_cifar.py",
     "vicuna_perplexity.py",
+    "llm_methods.py",
     "default.py",
 )
 PRETRAINING = ("pretrain_cpu.py", "pretrain_smoke.py", "bert_base_pretrain.py")
@@ -79,6 +80,7 @@ def test_unknown_variant_is_refused(name, tmp_path):
         "opt_glue.py",
         "vit_dino_cifar.py",
         "vicuna_perplexity.py",
+        "llm_methods.py",
     ],
 )
 def test_tiny_variant_runs_end_to_end(name, tmp_path):

@@ -299,3 +299,55 @@ def test_refinement_levels_are_evaluated_and_resumed(tmp_path, data_dir, monkeyp
     run = sweep.run(config, tmp_path, progress=False)["runs"][0]
     assert [lv["sparsity"] for lv in run["levels"]] == [0.0, 0.3, 0.4, 0.5, 0.6, 0.9]
     assert run["levels"][3]["measured_sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+def sequential_config(data_dir: str) -> ml_collections.ConfigDict:
+    """A tiny Llama pruned by SparseGPT and by Wanda as its reference runs it."""
+    config = tiny_config(data_dir)
+    config.grid = (0.0, 0.5)
+    del config.models.bert
+    config.models.llama.scorers = ("sparsegpt",)
+    config.models.llama.patterns = ("layerwise", "2:4")
+    config.models.llama.sparsegpt_block_size = 16
+    config.models.wanda = copy.deepcopy(config.models.llama)
+    config.models.wanda.scorers = ("wanda_sequential",)
+    config.models.wanda.patterns = ("per_output",)
+    return config
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: setattr(c.models.llama, "patterns", ("global",)),
+         "sparsegpt prunes with the patterns 'layerwise' and N:M, not 'global'"),
+        (lambda c: setattr(c.models.wanda, "patterns", ("layerwise",)),
+         "wanda_sequential prunes with the patterns 'per_output'"),
+        (lambda c: setattr(c.models.llama, "calibration_text", "wikipedia"),
+         "is the text .* evaluate on"),
+        (lambda c: setattr(c.models.llama, "calibration_text", "news"), "is not a corpus"),
+        (lambda c: c.models.llama.update({"tiny": TINY_BERT, "tasks": ("lee",)}),
+         "prunes a causal LM block by block"),
+        (lambda c: setattr(c.models.llama, "sparsegpt_block_size", 0), "must be positive"),
+    ],
+)
+def test_sequential_methods_refuse_what_they_cannot_do(tmp_path, data_dir, change, message):
+    config = sequential_config(data_dir)
+    change(config)
+    with pytest.raises(ValueError, match=message):
+        sweep.run(config, tmp_path, progress=False)
+
+
+def test_sequential_methods_sweep_and_time_each_level(tmp_path, data_dir):
+    config = sequential_config(data_dir)
+    results = sweep.run(config, tmp_path, progress=False)
+    runs = {(run["model"], run["pattern"]): run for run in results["runs"]}
+    assert set(runs) == {("llama", "layerwise"), ("llama", "2:4"), ("wanda", "per_output")}
+    for run in runs.values():
+        pruned = [level for level in run["levels"] if level["sparsity"] > 0]
+        assert [level["sparsity"] for level in pruned] == [0.5]
+        assert abs(pruned[0]["measured_sparsity"] - 0.5) < 0.02
+        assert pruned[0]["prune_seconds"] > 0
+        assert np.isfinite(pruned[0]["value"])
+        assert pruned[0]["value"] > run["dense"]
+        assert run["scores_seconds"] == 0.0
+    assert "prune_seconds" in (tmp_path / "results.csv").read_text().splitlines()[0]
