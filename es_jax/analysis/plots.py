@@ -32,25 +32,38 @@ def _grid(count: int, columns: int) -> tuple[int, int]:
 
 
 def plot_drops(runs: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """One panel per (model, task): drop vs sparsity per (pattern, scorer), essential marked.
+    """One panel per (checkpoint, task): drop vs sparsity per (pattern, scorer), essential marked.
 
-    The y-axis is the drop in the metric's units (positive = worse than dense); the dashed line
-    is the tolerance epsilon, and a dotted vertical line of the curve's colour marks its
-    essential sparsity. Perplexity drops use a symmetric log scale, as they explode past the knee.
+    Runs of model entries that load the same checkpoint share a panel (their curves are labelled
+    with the entry), so methods that need entries of their own are compared in one place. The
+    y-axis is the drop in the metric's units (positive = worse than dense); the dashed line is
+    the tolerance epsilon, and a dotted vertical line of the curve's colour marks its essential
+    sparsity. Perplexity drops use a symmetric log scale, as they explode past the knee.
     """
     panels: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for run in runs:
-        panels.setdefault((run["model"], run["task"]), []).append(run)
+        panels.setdefault((run.get("checkpoint", run["model"]), run["task"]), []).append(run)
     rows, columns = _grid(len(panels), 3)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.6 * rows), squeeze=False)
+    crowded = max(len(panel) for panel in panels.values()) > 5
+    width, height = (7.0, 5.0) if crowded else (4.6, 3.6)
+    figure, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows),
+                                squeeze=False)
     for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
     for ax, ((model, task), panel_runs) in zip(axes.flat, panels.items(), strict=False):
+        entries = len({run["model"] for run in panel_runs})
         for run in panel_runs:
             levels = sorted(run["levels"], key=lambda level: level["sparsity"])
             x = [100 * level["sparsity"] for level in levels]
             y = [level["drop"] for level in levels]
-            (line,) = ax.plot(x, y, marker="o", ms=3, label=f"{run['pattern']}/{run['scorer']}")
+            label = f"{run['pattern']}/{run['scorer']}"
+            if entries > 1:
+                label = f"{run['model']}: {label}"
+            if ":" in run["pattern"]:  # N:M: one pruned level, a point rather than a line
+                x, y = x[1:], y[1:]
+                (line,) = ax.plot(x, y, marker="s", ms=5, ls="none", label=label)
+            else:
+                (line,) = ax.plot(x, y, marker="o", ms=3, label=label)
             if run.get("essential_sparsity") is not None:
                 ax.axvline(100 * run["essential_sparsity"], color=line.get_color(), ls=":")
         tolerance = panel_runs[0].get("tolerance")
@@ -64,7 +77,7 @@ def plot_drops(runs: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
         ax.set_title(f"{model} / {task}")
         ax.set_xlabel("sparsity of the target weights (%)")
         ax.set_ylabel(f"drop in {panel_runs[0]['metric']} (worse >)")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7 if len(panel_runs) < 6 else 6, loc="upper left")
     figure.tight_layout()
     return _save(figure, path)
 

@@ -97,11 +97,12 @@ def check_stale(config: ml_collections.ConfigDict, store: ResultsStore) -> None:
 
 
 def finish(config: ml_collections.ConfigDict, store: ResultsStore, workdir: Path) -> None:
-    """Essential sparsity of every run of the config; results.json; the CSV, summary and plots
-    of every complete run the store holds (this config's and any other's)."""
+    """Essential sparsity and checkpoint name of every run of the config; results.json; the CSV,
+    summary and plots of every complete run the store holds (this config's and any other's)."""
     from es_jax.analysis import plots
 
-    for _, rid in sweep_plan.run_ids(config):
+    for key, rid in sweep_plan.run_ids(config):
+        store.runs[rid]["checkpoint"] = checkpoint_name(config.models[key])
         finalise(store.runs[rid], config.epsilon)
     store.save()
     runs = [run for run in store.runs.values() if "essential_sparsity" in run]
@@ -495,6 +496,11 @@ def open_records(
         records[name] = record
     context.store.save()
     return records
+
+
+def checkpoint_name(settings: ml_collections.ConfigDict) -> str:
+    """What a model entry loads: its `name`, or "tiny <model_type>" for a random tiny model."""
+    return f"tiny {settings.tiny.model_type}" if len(settings.tiny) else settings.name
 
 
 def evaluate_level(
