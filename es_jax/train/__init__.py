@@ -1,10 +1,21 @@
-"""Training: masked optax updates, masked fine-tuning, MLM pre-training with Orbax.
+"""Training: masked optax updates, masked fine-tuning, IMP (lottery tickets), MLM pre-training
+with Orbax.
 
 `es_jax.train.finetune` is the fine-tuning module (its entry point is
 `es_jax.train.finetune.finetune`); the names below are the ones other packages build on.
 """
 
 from es_jax.train.finetune import PAPER_SETTINGS, FinetuneConfig, finetune_config
+from es_jax.train.lottery import ImpConfig, Round, imp, sparsity_schedule
 from es_jax.train.masked import keep_pruned_zero
 
-__all__ = ["PAPER_SETTINGS", "FinetuneConfig", "finetune_config", "keep_pruned_zero"]
+__all__ = [
+    "PAPER_SETTINGS",
+    "FinetuneConfig",
+    "ImpConfig",
+    "Round",
+    "finetune_config",
+    "imp",
+    "keep_pruned_zero",
+    "sparsity_schedule",
+]

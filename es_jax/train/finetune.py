@@ -151,7 +151,7 @@ def train_step(
     return optax.apply_updates(params, updates), new_rest, opt_state, loss
 
 
-def _total_steps(train_ds: Iterable, config: FinetuneConfig) -> int:
+def run_steps(train_ds: Iterable, config: FinetuneConfig) -> int:
     """`config.total_steps`, else the number of batches in `train_ds`."""
     if config.total_steps is not None:
         return config.total_steps
@@ -169,13 +169,16 @@ def finetune(
     train_ds: Iterable[Mapping[str, np.ndarray]],
     config: FinetuneConfig,
     seed: int,
+    stop_after: int | None = None,
 ) -> tuple[nnx.Module, np.ndarray]:
     """Fine-tune `model_fn(nnx.Rngs(seed))` on `train_ds` with the pruned weights fixed at zero.
 
     `params_mask` is a mask over `nnx.state(model, nnx.Param)` (True = kept, None off-target),
     or None for dense training. Runs `total_steps` batches (default: all of `train_ds`, which
-    should hold the epochs, e.g. a `grain.MapDataset` with `repeat`). Returns the trained model
-    in eval mode and the per-step losses.
+    should hold the epochs, e.g. a `grain.MapDataset` with `repeat`). With `stop_after` = k it
+    stops after the first k of them, the schedule still spanning all: the weights at step k of
+    the same run (a lottery ticket's rewind point). Returns the trained model in eval mode and
+    the per-step losses.
     """
     model = model_fn(nnx.Rngs(seed))
     model.train()
@@ -183,16 +186,17 @@ def finetune(
     if params_mask is None:
         params_mask = jax.tree.map(lambda _: None, params)
     params = pruning.apply(params, params_mask)
-    total_steps = _total_steps(train_ds, config)
+    total_steps = run_steps(train_ds, config)
+    steps = total_steps if stop_after is None else min(stop_after, total_steps)
     opt_state = optimizer(config, total_steps, params_mask).init(params)
     losses = []
-    for _, batch in zip(range(total_steps), train_ds, strict=False):
+    for _, batch in zip(range(steps), train_ds, strict=False):
         params, rest, opt_state, loss = train_step(
             graphdef, config, params, rest, opt_state, batch, total_steps
         )
         losses.append(loss)
-    if len(losses) < total_steps:
-        raise ValueError(f"train_ds ran out after {len(losses)} of {total_steps} batches")
+    if len(losses) < steps:
+        raise ValueError(f"train_ds ran out after {len(losses)} of {steps} batches")
     model = nnx.merge(graphdef, params, rest)
     model.eval()
     return model, np.asarray(jax.device_get(losses), dtype=np.float32)
