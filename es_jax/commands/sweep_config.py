@@ -267,11 +267,16 @@ def family_name(model_type_name: str) -> str:
     return hub.family_for(model_type_name).__name__.rsplit(".", 1)[-1]
 
 
-def paper_task(task_name: str) -> str:
-    """The key of a fine-tune task in the paper's Table 1 (mnli, squad, cifar10, ...)."""
+def paper_task(task_name: str) -> str | None:
+    """The key of a fine-tune task in the paper's Table 1 (mnli, squad, cifar10, ...); None for
+    a task the paper does not fine-tune on (pang_lee, text_source: the default settings)."""
+    from es_jax.train import finetune
+
     if task_name.startswith("glue/"):
-        return task_name.split("/", 1)[1]
-    return task_name.split("/", 1)[0]
+        key = task_name.split("/", 1)[1]
+    else:
+        key = task_name.split("/", 1)[0]
+    return key if key in finetune.PAPER_SETTINGS else None
 
 
 def finetune_config(task_name: str, settings: Any) -> Any:

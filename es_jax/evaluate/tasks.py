@@ -75,6 +75,14 @@ TASKS: dict[str, Task] = {
         Task("glue/sst2", "accuracy", True, CLASSIFIER, "finetune", "SST-2 accuracy"),
         Task("glue/rte", "accuracy", True, CLASSIFIER, "finetune", "RTE accuracy"),
         Task("squad/v1.1", "f1", True, QUESTION_ANSWERING, "finetune", "SQuAD v1.1 F1"),
+        Task(
+            "pang_lee", "accuracy", True, CLASSIFIER, "finetune",
+            "Pang-Lee movie-review polarity, a seeded 20% held out",
+        ),
+        Task(
+            "text_source", "accuracy", True, CLASSIFIER, "finetune",
+            "Wikipedia vs Lee news sentences, a seeded 20% held out",
+        ),
         Task("cifar10", "accuracy", True, IMAGE_CLASSIFIER, "finetune", "CIFAR-10 top-1 accuracy"),
         Task(
             "cifar100", "accuracy", True, IMAGE_CLASSIFIER, "finetune", "CIFAR-100 top-1 accuracy"
@@ -293,6 +301,10 @@ class FinetuneData:
 
 
 IMAGE_CLASSES = {"cifar10": 10, "cifar100": 100}
+SPLIT_TEXT_TASKS = ("pang_lee", "text_source")  # small real sets: a seeded held-out share
+HELD_OUT = 0.2
+SOURCE_WORDS = 40  # words of each document's opening in text_source
+SOURCE_DOCUMENTS = 100  # documents of each corpus in text_source
 
 
 def num_labels(name: str) -> int | None:
@@ -301,6 +313,8 @@ def num_labels(name: str) -> int | None:
 
     if name in IMAGE_CLASSES:
         return IMAGE_CLASSES[name]
+    if name in SPLIT_TEXT_TASKS:
+        return 2
     if name.startswith("glue/"):
         return data_tasks.classification_task(name.split("/", 1)[1]).num_labels
     return None
@@ -453,4 +467,66 @@ def build_finetune(
         return build_glue(name, model, tokenizer, settings)
     if name.startswith("squad"):
         return build_squad(name, model, tokenizer, settings)
+    if name in SPLIT_TEXT_TASKS:
+        return build_split_text(name, model, tokenizer, settings)
     return build_cifar(name, model, tokenizer, settings)
+
+
+def labelled_texts(name: str, data_dir: str | None) -> list[dict]:
+    """The records of a small real text-classification set, in file order.
+
+    pang_lee: 200 movie-review sentences, 0 = negative, 1 = positive. text_source: the opening
+    `SOURCE_WORDS` words of the first `SOURCE_DOCUMENTS` Wikipedia articles (label 0) and Lee
+    background news articles (label 1) with at least that many words, each opening once: which
+    corpus a text comes from, a real label of real text.
+    """
+    from es_jax import data
+
+    if name == "pang_lee":
+        texts, labels = data.labelled_sentences("pang_lee", data_dir)
+        return [{"text": t, "label": int(y)} for t, y in zip(texts, labels, strict=True)]
+    records = []
+    for label, corpus in enumerate(("wikipedia", "lee_background")):
+        openings = [d.split()[:SOURCE_WORDS] for d in data.documents(corpus, data_dir)]
+        openings = [" ".join(words) for words in openings if len(words) == SOURCE_WORDS]
+        unique = list(dict.fromkeys(openings))[:SOURCE_DOCUMENTS]
+        records += [{"text": t, "label": label} for t in unique]
+    return records
+
+
+def held_out_split(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) indices: a seeded random HELD_OUT share held out (one split a seed:
+    repeated random-split cross-validation)."""
+    order = np.random.default_rng(seed).permutation(count)
+    held = max(1, round(HELD_OUT * count))
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def build_split_text(
+    name: str, model: nnx.Module, tokenizer: Any, s: FinetuneSettings
+) -> FinetuneData:
+    """A small real text-classification set: the seed's split, shuffled training batches and
+    accuracy on its held-out share."""
+    from es_jax.data import tasks as data_tasks
+
+    records = labelled_texts(name, s.data_dir or None)
+    train_index, held_index = held_out_split(len(records), s.seed)
+    train_records = _limited([records[i] for i in train_index], s.max_train_examples)
+    eval_records = _limited([records[i] for i in held_index], s.max_examples)
+    spec = data_tasks.ClassificationTask(name, ("text",), 2, "train")
+    train = data_tasks.classification_batches(
+        train_records,
+        spec,
+        tokenizer,
+        s.max_length,
+        s.train_batch_size,
+        train=True,
+        seed=s.seed,
+        num_epochs=s.num_epochs,
+    )
+    batches = _eval_batches(
+        data_tasks.classification_batches(
+            eval_records, spec, tokenizer, s.max_length, s.batch_size, train=False
+        )
+    )
+    return FinetuneData(train, evaluators.classification(model, batches, task=name))
