@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "sweep": "one-shot pruning sweep and essential sparsity",
     "pretrain": "pre-training with Orbax checkpoints that resume exactly",
     "emergence": "near-zero weights and mask overlap across checkpoints",
+    "lth": "lottery tickets (IMP) vs one-shot magnitude pruning",
 }
 
 

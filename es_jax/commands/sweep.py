@@ -312,18 +312,49 @@ def prepare_finetune(key: str, settings: Any, config: Any, task_name: str) -> Mo
     from es_jax import models
     from es_jax.train import finetune
 
+    setup = finetune_setup(settings, task_name, config.seed, config.data_dir)
+    _, params, _ = split_params(setup.model)
+
+    def value(name: str, pruned: Any, mask: Any) -> float:
+        trained, _ = finetune.finetune(
+            setup.model_fn, mask, setup.data.train, setup.ft_config, config.seed
+        )
+        return setup.data.evaluator(nnx.state(trained, nnx.Param))
+
+    evaluators = {task_name: setup.data.evaluator}
+    where = models.prunable(setup.model)
+    return ModelRun(key, setup.model, setup.tokenizer, params, where, evaluators, value)
+
+
+class FinetuneSetup(NamedTuple):
+    """What fine-tuning a model entry on one task needs: the pre-trained model with a new head
+    (initialised from the seed), its tokenizer, the task's data (`task_registry.FinetuneData`),
+    the fine-tuning config, and `model_fn(rngs)`, which rebuilds that very model for
+    `finetune.finetune` (its `rngs` unused: the head is the seed's at every call)."""
+
+    model: Any
+    tokenizer: Any
+    data: task_registry.FinetuneData
+    ft_config: Any
+    model_fn: Callable[[Any], Any]
+
+
+def finetune_setup(settings: Any, task_name: str, seed: int, data_dir: str) -> FinetuneSetup:
+    """Loads a model entry for a fine-tune task (head from `seed`) and builds the task's data
+    with the entry's batching settings and `seed` (the data order; the held-out split of the
+    tasks that draw one)."""
+    from flax import nnx
+
     task = task_registry.get(task_name)
     ft_config = finetune_config(task_name, settings)
-    model, tokenizer = load_model(
-        settings, task.head, config.seed, task_registry.num_labels(task_name)
-    )
+    model, tokenizer = load_model(settings, task.head, seed, task_registry.num_labels(task_name))
     data = task_registry.build_finetune(
         task_name,
         model,
         tokenizer,
         task_registry.FinetuneSettings(
-            data_dir=config.data_dir,
-            seed=config.seed,
+            data_dir=data_dir,
+            seed=seed,
             batch_size=settings.batch_size,
             train_batch_size=ft_config.batch_size,
             num_epochs=ft_config.num_epochs,
@@ -335,15 +366,9 @@ def prepare_finetune(key: str, settings: Any, config: Any, task_name: str) -> Mo
         ),
     )
     graphdef, params, rest = split_params(model)
-
-    def value(name: str, pruned: Any, mask: Any) -> float:
-        trained, _ = finetune.finetune(
-            lambda rngs: nnx.merge(graphdef, params, rest), mask, data.train, ft_config, config.seed
-        )
-        return data.evaluator(nnx.state(trained, nnx.Param))
-
-    evaluators = {task_name: data.evaluator}
-    return ModelRun(key, model, tokenizer, params, models.prunable(model), evaluators, value)
+    return FinetuneSetup(
+        model, tokenizer, data, ft_config, lambda rngs: nnx.merge(graphdef, params, rest)
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Every config in configs/: its docstring opens with its command, its full form names known
-tasks and patterns, and its tiny variant runs end to end (tiny random models, tfds mock data)."""
+tasks and patterns, and its tiny variant runs end to end (tiny random models, tfds mock data;
+the `es-jax lth` config's in tests/commands/test_commands_lth.py)."""
 
 from pathlib import Path
 
@@ -20,6 +21,7 @@ EXPERIMENTS = (
     "default.py",
 )
 PRETRAINING = ("pretrain_cpu.py", "pretrain_smoke.py", "bert_base_pretrain.py")
+LOTTERY = ("lth_text.py",)  # es-jax lth; its tiny run is tests/commands/test_commands_lth.py
 
 
 def load(name: str, variant: str = ""):
@@ -27,7 +29,7 @@ def load(name: str, variant: str = ""):
 
 
 def test_every_config_file_is_listed_here():
-    assert {p.name for p in CONFIGS.glob("*.py")} == {*EXPERIMENTS, *PRETRAINING}
+    assert {p.name for p in CONFIGS.glob("*.py")} == {*EXPERIMENTS, *PRETRAINING, *LOTTERY}
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.py")))
