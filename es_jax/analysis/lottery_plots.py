@@ -13,7 +13,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 
-from es_jax.analysis.plots import _grid, _save
+from es_jax.analysis.plots import panel_grid, save_figure
 
 
 def plot_lth_minus_omp(runs: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
@@ -34,7 +34,7 @@ def plot_lth_minus_omp(runs: Sequence[Mapping[str, Any]], path: str | Path) -> P
     ax.set_title("Lottery tickets minus one-shot magnitude pruning")
     ax.legend(fontsize=8)
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def similarity_matrix(runs: Sequence[Mapping[str, Any]],
@@ -62,7 +62,7 @@ def plot_similarity(runs: Sequence[Mapping[str, Any]],
     densities in the title, where the colour scale starts (so colour shows overlap above
     chance)."""
     levels = runs[0]["levels"]
-    rows, columns = _grid(len(levels), 3)
+    rows, columns = panel_grid(len(levels), 3)
     size = 1.1 * (len(runs) + 1) + 1.6
     figure, axes = plt.subplots(rows, columns, figsize=(size * columns, size * rows),
                                 squeeze=False)
@@ -80,4 +80,4 @@ def plot_similarity(runs: Sequence[Mapping[str, Any]],
         ax.set_title(f"{100 * level['sparsity']:g}% sparsity\n(chance cosine "
                      f"{level['similarity']['chance_cosine']:.3f})", fontsize=9)
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path)

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 
 
-def _grid(count: int, columns: int) -> tuple[int, int]:
+def panel_grid(count: int, columns: int) -> tuple[int, int]:
     """Rows and columns of a subplot grid for `count` panels."""
     columns = max(1, min(columns, count))
     return math.ceil(count / columns), columns
@@ -43,7 +43,7 @@ def plot_drops(runs: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     panels: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for run in runs:
         panels.setdefault((run.get("checkpoint", run["model"]), run["task"]), []).append(run)
-    rows, columns = _grid(len(panels), 3)
+    rows, columns = panel_grid(len(panels), 3)
     crowded = max(len(panel) for panel in panels.values()) > 5
     width, height = (7.0, 5.0) if crowded else (4.6, 3.6)
     figure, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows),
@@ -79,7 +79,7 @@ def plot_drops(runs: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
         ax.set_ylabel(f"drop in {panel_runs[0]['metric']} (worse >)")
         ax.legend(fontsize=7 if len(panel_runs) < 6 else 6, loc="upper left")
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_layer_sparsity(
@@ -103,7 +103,7 @@ def plot_layer_sparsity(
     ax.set_ylim(0, 100)
     ax.set_title(title)
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_mask(
@@ -186,7 +186,7 @@ def plot_component_masks(
                 ax.set_ylabel(f"block {layer}", fontsize=8)
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_training_loss(log_path: str | Path, path: str | Path, title: str = "") -> Path | None:
@@ -204,7 +204,7 @@ def plot_training_loss(log_path: str | Path, path: str | Path, title: str = "") 
     ax.set_title(title)
     ax.grid(alpha=0.3)
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def training_records(log_path: str | Path) -> list[dict[str, Any]]:
@@ -229,7 +229,7 @@ def training_records(log_path: str | Path) -> list[dict[str, Any]]:
     return [by_step[step] for step in sorted(by_step)]
 
 
-def _save(figure: plt.Figure, path: str | Path) -> Path:
+def save_figure(figure: plt.Figure, path: str | Path) -> Path:
     """Writes the figure as PNG and closes it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -69,7 +69,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool =
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     entry = lth_config.model_entry(config)
-    with exclusive(workdir):
+    with exclusive(workdir, "lth"):
         store = Store(workdir, config)
         pairs = list(itertools.product(config.seeds, config.tasks))
         with tqdm(total=len(pairs), disable=not progress, unit="task") as bar:

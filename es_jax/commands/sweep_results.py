@@ -144,8 +144,8 @@ def _refuse_constant(name: str) -> float:
 
 
 @contextlib.contextmanager
-def exclusive(workdir: Path) -> Iterator[None]:
-    """Holds the workdir's lock for one sweep; ValueError if another process holds it.
+def exclusive(workdir: Path, command: str = "sweep") -> Iterator[None]:
+    """Holds the workdir's lock for one run of `command`; ValueError if another process holds it.
 
     The lock is an `flock` on `WORKDIR/.sweep.lock`, which the operating system releases when its
     holder ends, however it ends (SIGKILL included): a lock file left behind never blocks.
@@ -158,12 +158,12 @@ def exclusive(workdir: Path) -> Iterator[None]:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             raise ValueError(
-                f"{workdir} is in use by another es-jax sweep ({holder}); wait for it to finish, "
-                "or use another --workdir."
+                f"{workdir} is in use by {holder}; wait for it to finish, or use another "
+                "--workdir."
             ) from None
         handle.seek(0)
         handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.write(f"es-jax {command}, pid {os.getpid()} on {socket.gethostname()}\n")
         handle.flush()
         try:
             yield

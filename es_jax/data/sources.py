@@ -86,10 +86,12 @@ def local_builder(name: str, data_dir_path: str | os.PathLike | None = None):
         raise ValueError(f"dataset {family!r} has no configs; use {family!r}")
     directory = resolve_data_dir(data_dir_path)
     kwargs = {"config": config} if config else {}
-    builder = builder_cls(data_dir=str(directory), file_format="array_record", **kwargs)
+    probe = builder_cls(data_dir=str(directory), file_format="array_record", **kwargs)
     with _absl_errors_only():  # tfds warns of each unprepared version folder it looks at
-        if builder.is_prepared():  # a read-only data dir prepared elsewhere needs no lock
-            return builder
+        if probe.is_prepared():  # a read-only data dir prepared elsewhere needs no lock
+            # A builder reads the dataset's info when it is made: the probe may predate a
+            # concurrent build's final rename (then it knows no splits), so make it again.
+            return builder_cls(data_dir=str(directory), file_format="array_record", **kwargs)
     with _build_lock(directory, name):
         builder = builder_cls(data_dir=str(directory), file_format="array_record", **kwargs)
         if not builder.is_prepared():

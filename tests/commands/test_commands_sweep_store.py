@@ -70,7 +70,7 @@ def test_runs_computed_with_other_settings_are_replaced_only_when_asked(tmp_path
 
 
 def test_a_second_sweep_in_the_same_workdir_is_refused(tmp_path, data_dir):
-    busy = r"in use by another es-jax sweep \(pid"
+    busy = r"in use by es-jax sweep, pid"
     with exclusive(tmp_path), pytest.raises(ValueError, match=busy):
         sweep.run(bert_config(data_dir), tmp_path, progress=False)
     assert not (tmp_path / "results.json").exists()
