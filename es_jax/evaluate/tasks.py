@@ -341,6 +341,21 @@ def build_glue(name: str, model: nnx.Module, tokenizer: Any, s: FinetuneSettings
     data_dir = s.data_dir or None
     train_records = _first(data.source(spec.dataset, "train", data_dir), s.max_train_examples)
     eval_records = _first(data.source(spec.dataset, spec.eval_split, data_dir), s.max_examples)
+    return classification_data(name, model, tokenizer, s, spec, train_records, eval_records)
+
+
+def classification_data(
+    name: str,
+    model: nnx.Module,
+    tokenizer: Any,
+    s: FinetuneSettings,
+    spec: Any,
+    train_records: list,
+    eval_records: list,
+) -> FinetuneData:
+    """Shuffled training batches of `train_records` and accuracy on `eval_records`."""
+    from es_jax.data import tasks as data_tasks
+
     train = data_tasks.classification_batches(
         train_records,
         spec,
@@ -514,19 +529,4 @@ def build_split_text(
     train_records = _limited([records[i] for i in train_index], s.max_train_examples)
     eval_records = _limited([records[i] for i in held_index], s.max_examples)
     spec = data_tasks.ClassificationTask(name, ("text",), 2, "train")
-    train = data_tasks.classification_batches(
-        train_records,
-        spec,
-        tokenizer,
-        s.max_length,
-        s.train_batch_size,
-        train=True,
-        seed=s.seed,
-        num_epochs=s.num_epochs,
-    )
-    batches = _eval_batches(
-        data_tasks.classification_batches(
-            eval_records, spec, tokenizer, s.max_length, s.batch_size, train=False
-        )
-    )
-    return FinetuneData(train, evaluators.classification(model, batches, task=name))
+    return classification_data(name, model, tokenizer, s, spec, train_records, eval_records)
