@@ -1,10 +1,29 @@
-"""Masked-language-model objective: BERT's 15% masking with 80/10/10 replacement, and its loss."""
+"""Masked-language-model pre-training of BERT from scratch: BERT's 15% masking with 80/10/10
+replacement, its loss, and the `Objective` that `es_jax.train.pretrain`'s loop runs.
+
+The corpora and the WordPiece vocabulary come from `es_jax.data`; the vocabulary is trained on the
+corpora once and cached in the workdir (`TOKENIZER_FILE`).
+"""
 
 from __future__ import annotations
 
+from functools import partial
+from pathlib import Path
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 import optax
+from flax import nnx
+
+from es_jax.data.corpora import training_documents
+from es_jax.data.pipelines import packed_lm_dataset
+from es_jax.data.wordpiece import cached_wordpiece
+from es_jax.train import objectives
+
+TOKENIZER_FILE = "tokenizer.json"
 
 
 def mask_tokens(
@@ -39,3 +58,134 @@ def mlm_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> tuple[
     loss = (per_token * weights).sum() / count
     accuracy = ((logits.argmax(-1) == labels) * weights).sum() / count
     return loss, {"loss": loss, "accuracy": accuracy, "predicted_tokens": weights.sum()}
+
+
+# ----------------------------------------------------------------------------- model and data
+
+
+def bert_config(config: ml_collections.ConfigDict, vocab_size: int):
+    """The BertConfig of the model to pre-train, with the tokenizer's vocabulary size."""
+    from es_jax.models import bert
+
+    model = config.model
+    return bert.BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=model.hidden_size,
+        num_hidden_layers=model.num_hidden_layers,
+        num_attention_heads=model.num_attention_heads,
+        intermediate_size=model.intermediate_size,
+        max_position_embeddings=model.max_position_embeddings,
+        hidden_dropout_prob=model.dropout,
+        attention_probs_dropout_prob=model.dropout,
+        dtype=jnp.dtype(config.compute_dtype),
+    )
+
+
+def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> nnx.Module:
+    """A freshly initialised BertForMaskedLM, seeded by `config.seed`."""
+    from es_jax.models import bert
+
+    rngs = nnx.Rngs(params=config.seed, dropout=config.seed + 1)
+    return bert.BertForMaskedLM(bert_config(config, vocab_size), rngs=rngs)
+
+
+def load_tokenizer(config: ml_collections.ConfigDict, workdir: Path):
+    """The run's tokenizer: a WordPiece vocabulary cached in the workdir, or a named one."""
+    if config.data.tokenizer != "wordpiece":
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(config.data.tokenizer)
+    return cached_wordpiece(workdir / TOKENIZER_FILE, config.data.corpora, config.data.vocab_size)
+
+
+def training_dataset(config: ml_collections.ConfigDict, tokenizer):
+    """This host's grain dataset of packed-sequence batches (endless, reshuffled every epoch)."""
+    return packed_lm_dataset(
+        training_documents(config.data.corpora, config.data.fraction, config.data.seed),
+        tokenizer,
+        seq_len=config.data.seq_len,
+        batch_size=config.global_batch_size // jax.process_count(),
+        seed=config.data.seed,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+    )
+
+
+def with_maskable(batch: dict[str, np.ndarray], special_ids: np.ndarray) -> dict:
+    """The model inputs of a host batch, plus `maskable`: real tokens that are not special."""
+    input_ids = np.asarray(batch["input_ids"], np.int32)
+    attention_mask = np.asarray(batch["attention_mask"], np.int32)
+    maskable = ~np.isin(input_ids, special_ids) & (attention_mask > 0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "maskable": maskable}
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def train_step(
+    state: dict[str, Any],
+    batch: dict[str, jax.Array],
+    rest: nnx.State,
+    *,
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    mask_token_id: int,
+    vocab_size: int,
+    mask_rate: float,
+) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+    """One AdamW step on a batch's MLM loss; masking and dropout keys come from (rng, step)."""
+    mask_key, dropout_key = objectives.step_keys(state, 2)
+    inputs, labels, weights = mask_tokens(
+        mask_key, batch["input_ids"], batch["maskable"], mask_token_id, vocab_size, mask_rate
+    )
+    model = nnx.merge(graphdef, state["params"], rest)
+    nnx.reseed(model, dropout=dropout_key)
+    model.train()
+
+    def loss_fn(model: nnx.Module) -> tuple[jax.Array, dict]:
+        logits = model(inputs, attention_mask=batch["attention_mask"])
+        return mlm_loss(logits, labels, weights)
+
+    (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    grads = grads.to_pure_dict()
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    new_state = {
+        **state,
+        "params": optax.apply_updates(state["params"], updates),
+        "opt_state": opt_state,
+        "step": state["step"] + 1,
+    }
+    return new_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
+
+
+def objective(
+    config: ml_collections.ConfigDict, workdir: Path, optimizer: optax.GradientTransformation
+) -> objectives.Objective:
+    """MLM pre-training of the config's BERT on its corpora (the tokenizer trained and cached in
+    `workdir` on first use)."""
+    tokenizer = load_tokenizer(config, workdir)
+    vocab_size = len(tokenizer)
+    special_ids = np.asarray([tokenizer.pad_token_id, *tokenizer.all_special_ids], np.int32)
+    build = partial(build_model, config, vocab_size)
+    graphdef, rest = objectives.split_model(build)
+    step = partial(
+        train_step,
+        graphdef=graphdef,
+        optimizer=optimizer,
+        mask_token_id=tokenizer.mask_token_id,
+        vocab_size=vocab_size,
+        mask_rate=config.mask_rate,
+    )
+
+    def init_state() -> dict[str, Any]:
+        params = nnx.state(build(), nnx.Param).to_pure_dict()
+        return objectives.init_train_state(params, optimizer, config.seed)
+
+    return objectives.Objective(
+        init_state=init_state,
+        step=step,
+        rest=rest,
+        dataset=training_dataset(config, tokenizer),
+        host_batch=partial(with_maskable, special_ids=special_ids),
+        quality=None,
+    )

@@ -1,12 +1,14 @@
-"""MLM pre-training of BERT from scratch, with Orbax checkpoints that resume exactly.
+"""Pre-training from scratch with Orbax checkpoints that resume exactly: one loop, any objective.
 
-`train_and_evaluate(config, workdir)` (behind `es-jax pretrain`) trains, saves checkpoints under
-`WORKDIR/checkpoints/` and, run again, resumes from the newest readable one. One code path
-runs on one CPU and on a TPU pod: the mesh of `es_jax.mesh` over every device, batches split along
-its `data` axis, parameters replicated or FSDP-sharded (`config.fsdp`), and
+`train_and_evaluate(config, workdir)` (behind `es-jax pretrain`) trains the objective the config
+names (`es_jax.train.objectives`: MLM BERT on text, or a ViT on images, supervised or DINO-style),
+saves checkpoints under `WORKDIR/checkpoints/` and, run again, resumes from the newest readable one.
+One code path runs on one CPU and on a TPU pod: the mesh of `es_jax.mesh` over every device,
+batches split along its `data` axis, parameters replicated or FSDP-sharded (`config.fsdp`), and
 `jax.distributed.initialize()` first when `config.distributed` is set (every host runs the same
-command). The corpora and the WordPiece vocabulary come from `es_jax.data`; the loss plot of a run
-is drawn from its `train_log.jsonl` by `es_jax.analysis.plots.plot_training_loss`.
+command). The loss plot of a run is drawn from its `train_log.jsonl` by
+`es_jax.analysis.plots.plot_training_loss`. At the end, objectives that measure their own quality
+(k-NN accuracy of a vision backbone) add it to `results.json`.
 
 Nothing is written before the config's values, the workdir's stored config and the shapes of its
 checkpoints have all been checked, so a refused command leaves the workdir as it was. A run that
@@ -35,14 +37,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from es_jax.data.corpora import training_documents
-from es_jax.data.pipelines import packed_lm_dataset
-from es_jax.data.wordpiece import cached_wordpiece
 from es_jax.mesh import batch_sharding, global_batch, make_mesh, replicated, state_shardings
-from es_jax.train import checkpointing
-from es_jax.train.mlm import mask_tokens, mlm_loss
+from es_jax.train import checkpointing, objectives
 
-TOKENIZER_FILE = "tokenizer.json"
 LOG_FILE = "train_log.jsonl"
 RESULTS_FILE = "results.json"
 # Config keys that change how a run is executed or logged, not what it computes: a resumed run
@@ -83,99 +80,6 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
             mask=decays,
         ),
     )
-
-
-# ----------------------------------------------------------------------------- model and state
-
-
-def bert_config(config: ml_collections.ConfigDict, vocab_size: int):
-    """The BertConfig of the model to pre-train, with the tokenizer's vocabulary size."""
-    from es_jax.models import bert
-
-    model = config.model
-    return bert.BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=model.hidden_size,
-        num_hidden_layers=model.num_hidden_layers,
-        num_attention_heads=model.num_attention_heads,
-        intermediate_size=model.intermediate_size,
-        max_position_embeddings=model.max_position_embeddings,
-        hidden_dropout_prob=model.dropout,
-        attention_probs_dropout_prob=model.dropout,
-        dtype=jnp.dtype(config.compute_dtype),
-    )
-
-
-def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> nnx.Module:
-    """A freshly initialised BertForMaskedLM, seeded by `config.seed`."""
-    from es_jax.models import bert
-
-    rngs = nnx.Rngs(params=config.seed, dropout=config.seed + 1)
-    return bert.BertForMaskedLM(bert_config(config, vocab_size), rngs=rngs)
-
-
-def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation, seed: int):
-    """The checkpointed train state: params, optimizer state, step and the RNG key's data."""
-    params = nnx.state(model, nnx.Param).to_pure_dict()
-    return {
-        "params": params,
-        "opt_state": optimizer.init(params),
-        "step": jnp.zeros((), jnp.int32),
-        "rng": jax.random.key_data(jax.random.key(seed + 2)),
-    }
-
-
-def initial_layout(
-    config: ml_collections.ConfigDict,
-    vocab_size: int,
-    optimizer: optax.GradientTransformation,
-    mesh: Mesh,
-) -> tuple[nnx.GraphDef, Any, Any, nnx.State]:
-    """The model's graph, the train state's shapes and shardings, and its non-parameter state."""
-    abstract_model = nnx.eval_shape(lambda: build_model(config, vocab_size))
-    graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
-    abstract = jax.eval_shape(
-        lambda: init_train_state(build_model(config, vocab_size), optimizer, config.seed)
-    )
-    rest = jax.jit(lambda: nnx.split(build_model(config, vocab_size), nnx.Param, ...)[2])()
-    return graphdef, abstract, state_shardings(abstract, mesh, config.fsdp), rest
-
-
-def train_step(
-    state: dict[str, Any],
-    batch: dict[str, jax.Array],
-    rest: nnx.State,
-    *,
-    graphdef: nnx.GraphDef,
-    optimizer: optax.GradientTransformation,
-    mask_token_id: int,
-    vocab_size: int,
-    mask_rate: float,
-) -> tuple[dict[str, Any], dict[str, jax.Array]]:
-    """One AdamW step on a batch's MLM loss; masking and dropout keys come from (rng, step)."""
-    step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    mask_key, dropout_key = jax.random.split(step_key)
-    inputs, labels, weights = mask_tokens(
-        mask_key, batch["input_ids"], batch["maskable"], mask_token_id, vocab_size, mask_rate
-    )
-    model = nnx.merge(graphdef, state["params"], rest)
-    nnx.reseed(model, dropout=dropout_key)
-    model.train()
-
-    def loss_fn(model: nnx.Module) -> tuple[jax.Array, dict]:
-        logits = model(inputs, attention_mask=batch["attention_mask"])
-        return mlm_loss(logits, labels, weights)
-
-    (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-    grads = grads.to_pure_dict()
-    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    new_state = {
-        "params": optax.apply_updates(state["params"], updates),
-        "opt_state": opt_state,
-        "step": state["step"] + 1,
-        "rng": state["rng"],
-    }
-    return new_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
 
 
 # ----------------------------------------------------------------------------- divergence
@@ -250,39 +154,6 @@ def refuse_non_finite(params: Any, checkpoint: Path) -> None:
         )
 
 
-# ----------------------------------------------------------------------------- data
-
-
-def load_tokenizer(config: ml_collections.ConfigDict, workdir: Path):
-    """The run's tokenizer: a WordPiece vocabulary cached in the workdir, or a named one."""
-    if config.data.tokenizer != "wordpiece":
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(config.data.tokenizer)
-    return cached_wordpiece(workdir / TOKENIZER_FILE, config.data.corpora, config.data.vocab_size)
-
-
-def training_dataset(config: ml_collections.ConfigDict, tokenizer):
-    """This host's grain dataset of packed-sequence batches (endless, reshuffled every epoch)."""
-    return packed_lm_dataset(
-        training_documents(config.data.corpora, config.data.fraction, config.data.seed),
-        tokenizer,
-        seq_len=config.data.seq_len,
-        batch_size=config.global_batch_size // jax.process_count(),
-        seed=config.data.seed,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
-    )
-
-
-def with_maskable(batch: dict[str, np.ndarray], special_ids: np.ndarray) -> dict:
-    """The model inputs of a host batch, plus `maskable`: real tokens that are not special."""
-    input_ids = np.asarray(batch["input_ids"], np.int32)
-    attention_mask = np.asarray(batch["attention_mask"], np.int32)
-    maskable = ~np.isin(input_ids, special_ids) & (attention_mask > 0)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "maskable": maskable}
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -305,19 +176,11 @@ def _ends_mid_line(path: Path) -> bool:
         return file.read(1) != b"\n"
 
 
-def compiled_step(config, graphdef, optimizer, tokenizer, vocab_size, mesh, shardings):
-    """The jitted, watched train step (`watched_step`): state sharded as `shardings`, batches
-    along the data axis, metrics and divergence record replicated."""
-    step = partial(
-        train_step,
-        graphdef=graphdef,
-        optimizer=optimizer,
-        mask_token_id=tokenizer.mask_token_id,
-        vocab_size=vocab_size,
-        mask_rate=config.mask_rate,
-    )
+def compiled_step(step_fn: Callable, mesh: Mesh, shardings: Any) -> Callable:
+    """The jitted, watched train step (`watched_step` of an objective's `step_fn`): state sharded
+    as `shardings`, batches along the data axis, metrics and divergence record replicated."""
     return jax.jit(
-        partial(watched_step, step_fn=step),
+        partial(watched_step, step_fn=step_fn),
         in_shardings=(shardings, batch_sharding(mesh), None, replicated(mesh)),
         out_shardings=(shardings, replicated(mesh), replicated(mesh)),
     )
@@ -338,22 +201,21 @@ def check_values(config: ml_collections.ConfigDict) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-    """Pre-trains (or resumes) to `config.total_steps`; returns the last logged metrics."""
+    """Pre-trains (or resumes) to `config.total_steps`; returns the last logged metrics, timing
+    and the objective's quality measures."""
     workdir = Path(workdir).absolute()
     if config.distributed:
         jax.distributed.initialize()
     check_values(config)
     checkpointing.check_config(workdir, config, force=config.force, ignore=RUN_ONLY_KEYS)
     mesh = make_mesh()
-    tokenizer = load_tokenizer(config, workdir)
-    vocab_size = len(tokenizer)
-    special_ids = np.asarray([tokenizer.pad_token_id, *tokenizer.all_special_ids], np.int32)
-    optimizer = make_optimizer(config)
-    graphdef, abstract, shardings, rest = initial_layout(config, vocab_size, optimizer, mesh)
+    objective = objectives.make(config, workdir, make_optimizer(config))
+    abstract = jax.eval_shape(objective.init_state)
+    shardings = state_shardings(abstract, mesh, config.fsdp)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
 
-    iterator = iter(training_dataset(config, tokenizer))
+    iterator = iter(objective.dataset)
     checkpoints = workdir / checkpointing.CHECKPOINT_DIR
     manager = checkpointing.open_manager(checkpoints, config.async_checkpoints)
     checkpointing.check_layout(manager, target)
@@ -361,17 +223,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     restored = checkpointing.restore_latest(manager, target)
     if restored is None:
         start = 0
-        state = jax.jit(
-            lambda: init_train_state(build_model(config, vocab_size), optimizer, config.seed),
-            out_shardings=shardings,
-        )()
+        state = jax.jit(objective.init_state, out_shardings=shardings)()
         checkpointing.save(manager, 0, state, iterator.get_state())
     else:
         start, state, data_state = restored
         refuse_non_finite(state["params"], checkpoints / str(start))
         iterator.set_state(data_state)
 
-    step_fn = compiled_step(config, graphdef, optimizer, tokenizer, vocab_size, mesh, shardings)
+    step_fn = compiled_step(objective.step, mesh, shardings)
     save_at = set(checkpointing.checkpoint_steps(
         config.total_steps, config.checkpoint_every, config.log_spaced_checkpoints
     ))
@@ -383,8 +242,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     started = time.perf_counter()
     try:
         for step in range(start + 1, config.total_steps + 1):
-            batch = global_batch(with_maskable(next(iterator), special_ids), batch_placement)
-            state, step_metrics, health = step_fn(state, batch, rest, health)
+            batch = global_batch(objective.host_batch(next(iterator)), batch_placement)
+            state, step_metrics, health = step_fn(state, batch, objective.rest, health)
             progress.update(1)
             if step in save_at or step % config.log_every == 0:
                 step_metrics, seen = jax.device_get((step_metrics, health))
@@ -408,6 +267,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         "steps_per_second": (config.total_steps - start) / max(elapsed, 1e-9),
         "checkpoints": sorted(save_at),
     }
+    if objective.quality is not None:
+        summary.update(objective.quality(state))
     if jax.process_index() == 0:
         (workdir / RESULTS_FILE).write_text(json.dumps(summary, indent=2))
     return summary

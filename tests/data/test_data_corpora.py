@@ -24,3 +24,18 @@ def test_a_data_volume_is_a_seeded_fraction_of_the_corpora_in_order():
     assert corpora.training_documents(["lee_background"], 0.5, seed=0) == half
     assert corpora.training_documents(["lee_background"], 0.5, seed=1) != half
     assert corpora.training_documents(["lee_background"], 1.0, seed=0) == corpus
+
+
+def test_held_out_wikipedia_is_never_trained_on_and_holds_the_evaluation_text():
+    from es_jax import data
+    from es_jax.evaluate.tasks import text_prefix
+
+    articles = data.documents("wikipedia")
+    held_out = corpora.held_out_documents()
+    assert held_out == articles[: corpora.HELD_OUT_ARTICLES]
+    assert sum(map(len, held_out)) == corpora.HELD_OUT_CHARACTERS
+    trainable = corpora.training_documents(["wikipedia", "lee_background"], 1.0, 0)
+    assert not set(held_out) & set(trainable)
+    assert set(articles[corpora.HELD_OUT_ARTICLES :]) <= set(trainable)
+    # The wikitext tasks' fixed text at the largest length the reservation covers.
+    assert text_prefix(articles, corpora.HELD_OUT_CHARACTERS) == held_out

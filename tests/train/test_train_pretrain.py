@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
-from es_jax.mesh import batch_sharding, global_batch, make_mesh
-from es_jax.train import checkpointing, pretrain
+from es_jax.mesh import batch_sharding, global_batch, make_mesh, state_shardings
+from es_jax.train import checkpointing, mlm, objectives, pretrain
 from es_jax.train.mlm import mask_tokens, mlm_loss
 
 SMOKE = str(Path(__file__).parents[2] / "configs" / "pretrain_smoke.py")
@@ -96,15 +97,21 @@ def train_two_steps(config, fsdp: bool):
         config.fsdp = fsdp
     mesh = make_mesh()
     optimizer = pretrain.make_optimizer(config)
-    graphdef, _, shardings, rest = pretrain.initial_layout(config, VOCAB, optimizer, mesh)
-    state = jax.jit(lambda: pretrain.init_train_state(pretrain.build_model(config, VOCAB),
-                                                      optimizer, config.seed),
-                    out_shardings=shardings)()
+    build = partial(mlm.build_model, config, VOCAB)
+    graphdef, rest = objectives.split_model(build)
+
+    def init_state():
+        params = nnx.state(build(), nnx.Param).to_pure_dict()
+        return objectives.init_train_state(params, optimizer, config.seed)
+
+    shardings = state_shardings(jax.eval_shape(init_state), mesh, config.fsdp)
+    state = jax.jit(init_state, out_shardings=shardings)()
     tokens = np.random.default_rng(0).integers(5, VOCAB, (8, config.data.seq_len), np.int32)
-    batch = pretrain.with_maskable({"input_ids": tokens, "attention_mask": np.ones_like(tokens)},
-                                   np.arange(5, dtype=np.int32))
-    tokenizer = type("Tokenizer", (), {"mask_token_id": MASK_ID})
-    step = pretrain.compiled_step(config, graphdef, optimizer, tokenizer, VOCAB, mesh, shardings)
+    batch = mlm.with_maskable({"input_ids": tokens, "attention_mask": np.ones_like(tokens)},
+                              np.arange(5, dtype=np.int32))
+    step_fn = partial(mlm.train_step, graphdef=graphdef, optimizer=optimizer,
+                      mask_token_id=MASK_ID, vocab_size=VOCAB, mask_rate=config.mask_rate)
+    step = pretrain.compiled_step(step_fn, mesh, shardings)
     sharded = global_batch(batch, batch_sharding(mesh))
     losses = []
     for _ in range(2):
