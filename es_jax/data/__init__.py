@@ -6,9 +6,15 @@ Readers (lists in a fixed order; local sets are built once into the data dir):
   documents(name) -> list[str]                "wikipedia" (dump order) | "lee_background"
   labelled_sentences("pang_lee") -> (sentences, labels)
   source(name, split) -> tfds data source     local short names or catalogue names
+  image_arrays(name, split) -> ImageSet       "fashion_mnist" (train | test) | "digits" (train)
   question_set(data, split) -> list[Question] MMLU-format folder | "tfds:NAME" | "facts" (bundled)
 Pipelines (grain):
   padded_batches, packed_lm_dataset, token_blocks, subset_documents, tokenize_padded
+Images (es_jax.data.images; uint8 until to_unit_range maps them to float32 x / 127.5 - 1):
+  pretraining_dataset(images, "supervised" | "multicrop", ...)   endless augmented grain batches
+  evaluation_batches(images, batch_size, image_size), padded_image_batch
+  MultiCrop, multi_crop, supervised_view, random_resized_crop, crop_box, horizontal_flip,
+  intensity_jitter, gaussian_blur, solarize
 Pre-training corpora and vocabularies (es_jax.data.corpora, es_jax.data.wordpiece):
   corpus_documents(name), training_documents(names, fraction, seed)
   cached_wordpiece(path, corpora, vocab_size), train_wordpiece, WordPieceTokenizer
@@ -18,6 +24,24 @@ Fine-tuning tasks (es_jax.data.tasks):
 """
 
 from es_jax.data.corpora import corpus_documents, training_documents
+from es_jax.data.images import (
+    CropBox,
+    ImageSet,
+    MultiCrop,
+    crop_box,
+    evaluation_batches,
+    gaussian_blur,
+    horizontal_flip,
+    image_arrays,
+    intensity_jitter,
+    multi_crop,
+    padded_image_batch,
+    pretraining_dataset,
+    random_resized_crop,
+    solarize,
+    supervised_view,
+    to_unit_range,
+)
 from es_jax.data.multiple_choice import Question, question_set
 from es_jax.data.pipelines import (
     host_shard,
@@ -30,6 +54,7 @@ from es_jax.data.pipelines import (
 from es_jax.data.sources import (
     CATALOGUE,
     documents,
+    is_local,
     labelled_sentences,
     lee_similarity,
     local_builder,
@@ -56,6 +81,9 @@ __all__ = [
     "CATALOGUE",
     "CLASSIFICATION_TASKS",
     "SPECIAL_TOKENS",
+    "CropBox",
+    "ImageSet",
+    "MultiCrop",
     "Question",
     "WordPieceTokenizer",
     "cached_wordpiece",
@@ -63,19 +91,33 @@ __all__ = [
     "classification_dataset",
     "classification_task",
     "corpus_documents",
+    "crop_box",
     "documents",
+    "evaluation_batches",
     "feature_batches",
+    "gaussian_blur",
+    "horizontal_flip",
     "host_shard",
+    "image_arrays",
+    "intensity_jitter",
+    "is_local",
     "labelled_sentences",
     "lee_similarity",
     "local_builder",
+    "multi_crop",
     "packed_lm_dataset",
     "padded_batches",
+    "padded_image_batch",
+    "pretraining_dataset",
     "question_set",
+    "random_resized_crop",
     "resolve_data_dir",
+    "solarize",
     "source",
     "squad_features",
     "subset_documents",
+    "supervised_view",
+    "to_unit_range",
     "token_blocks",
     "tokenize_padded",
     "train_wordpiece",

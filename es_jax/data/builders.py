@@ -255,6 +255,11 @@ class EsPangLee(_OfflineBuilder):
             yield index, {"index": index, "text": text.strip(), "label": label}
 
 
+# The image builders subclass _OfflineBuilder above, so they are imported once it exists.
+from es_jax.data.image_builders import EsDigits, EsFashionMnist  # noqa: E402
+
+# "fashion_mnist" is read from the tfds catalogue instead where the Debian files are absent
+# (sources.is_local).
 LOCAL_BUILDERS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
     "wikipedia": EsWikipedia,
     "lee_background": EsLeeBackground,
@@ -262,4 +267,6 @@ LOCAL_BUILDERS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
     "wordsim353": EsWordsim353,
     "simlex999": EsSimlex999,
     "pang_lee": EsPangLee,
+    "fashion_mnist": EsFashionMnist,
+    "digits": EsDigits,
 }

@@ -4,9 +4,10 @@
 `builder.as_data_source`; `source("glue/sst2", split="validation")` reads the catalogue dataset
 prepared (as array_record) in the data dir, downloading and preparing it first unless downloads are
 off (`$ES_JAX_OFFLINE=1`, or `$HF_DATASETS_OFFLINE=1`): then a dataset not prepared there is refused
-at once with how to provide it. A failed download leaves no partial folders behind. The readers
-below return the offline sets as plain Python lists in a fixed order (sorted by their `index`
-feature).
+at once with how to provide it. A failed download leaves no partial folders behind.
+`source("fashion_mnist")` reads the local builder over the Debian package's files where they are
+installed, else the catalogue's dataset (`is_local`). The readers below return the offline sets
+as plain Python lists in a fixed order (sorted by their `index` feature).
 """
 
 import contextlib
@@ -23,6 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from es_jax.data.builders import LOCAL_BUILDERS
+from es_jax.data.image_builders import fashion_mnist_installed
 
 DATA_DIR_ENV = "ES_JAX_DATA_DIR"
 CATALOGUE = (
@@ -34,6 +36,7 @@ CATALOGUE = (
     "squad/v1.1",
     "cifar10",
     "cifar100",
+    "fashion_mnist",
 )
 # Catalogue families whose builder module tfds does not register on `import tensorflow_datasets`.
 _CATALOGUE_MODULES = {"glue": "tensorflow_datasets.text.glue"}
@@ -110,7 +113,7 @@ def source(
     name: str, split: str = "train", data_dir: str | os.PathLike | None = None
 ) -> Sequence[dict]:
     """A random-access tfds data source of one split (records come back unordered)."""
-    if name.split("/")[0] in LOCAL_BUILDERS:
+    if is_local(name):
         return local_builder(name, data_dir).as_data_source(split=split)
     builder = catalogue_builder(name, resolve_data_dir(data_dir))
     with _absl_errors_only():  # tfds warns of each unprepared version folder it looks at
@@ -118,6 +121,18 @@ def source(
     if not prepared:
         download_and_prepare(builder, name)
     return catalogue_split(builder, name, split)
+
+
+def is_local(name: str) -> bool:
+    """Whether `source(name)` reads a local builder rather than the tfds catalogue.
+
+    True for the families of LOCAL_BUILDERS, except "fashion_mnist" where the Debian package's
+    IDX files are not installed: then the catalogue's `fashion_mnist` is read.
+    """
+    family = name.split("/")[0]
+    if family == "fashion_mnist":
+        return fashion_mnist_installed()
+    return family in LOCAL_BUILDERS
 
 
 def downloads_off() -> str | None:
