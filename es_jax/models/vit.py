@@ -5,12 +5,18 @@ patch embedding is a reshape into non-overlapping patches plus a `Linear`. DINO 
 `ViTModel`s and load as the backbone without a head. Parameter paths (what `pruning` sees):
 `encoder/layers/{i}/attention/{query,key,value,out}/kernel` and
 `encoder/layers/{i}/mlp/{up,down}/kernel`, prefixed with `vit/` inside `ViTForImageClassification`.
+
+With `interpolate_pos_encoding=True` (Hugging Face's name) images of any height and width that are
+multiples of `patch_size` are accepted, as DINO's multi-crop training needs: the learned position
+embeddings of the config's square patch grid are resized to the image's grid by
+`resize_position_embeddings` (the [CLS] position is kept as is).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -103,20 +109,79 @@ class ViTEmbeddings(nnx.Module):
         )
         self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
 
-    def __call__(self, pixel_values: jax.Array) -> jax.Array:
-        """Embeds NHWC images into (B, patches + 1, hidden)."""
-        size, channels = self.config.image_size, self.config.num_channels
-        if tuple(pixel_values.shape[1:]) != (size, size, channels):
-            raise ValueError(
-                f"pixel_values must be NHWC of shape (B, {size}, {size}, {channels}); got "
-                f"{tuple(pixel_values.shape)}. Resize the images or transpose NCHW to NHWC."
-            )
+    def __call__(
+        self, pixel_values: jax.Array, interpolate_pos_encoding: bool = False
+    ) -> jax.Array:
+        """Embeds NHWC images into (B, patches + 1, hidden).
+
+        Without `interpolate_pos_encoding` the images must be (B, image_size, image_size, C); with
+        it any (B, H, W, C) whose H and W are multiples of `patch_size`, the position embeddings
+        resized to the (H / patch_size, W / patch_size) grid by `resize_position_embeddings`.
+        """
+        if interpolate_pos_encoding:
+            grid = patch_grid(pixel_values.shape, self.config)
+        else:
+            size, channels = self.config.image_size, self.config.num_channels
+            if tuple(pixel_values.shape[1:]) != (size, size, channels):
+                raise ValueError(
+                    f"pixel_values must be NHWC of shape (B, {size}, {size}, {channels}); got "
+                    f"{tuple(pixel_values.shape)}. Resize the images or transpose NCHW to NHWC."
+                )
         patches = self.patch_embeddings(patchify(pixel_values, self.config.patch_size))
         cls = jnp.broadcast_to(
             self.cls_token[...].astype(patches.dtype), (patches.shape[0], 1, patches.shape[-1])
         )
         x = jnp.concatenate([cls, patches], axis=1)
-        return self.dropout(x + self.position_embeddings[...].astype(x.dtype))
+        positions = self.position_embeddings[...]
+        if interpolate_pos_encoding:
+            positions = resize_position_embeddings(positions, grid)
+        return self.dropout(x + positions.astype(x.dtype))
+
+
+def patch_grid(shape: tuple[int, ...], config: ViTConfig) -> tuple[int, int]:
+    """(rows, cols) of patches of NHWC images of `shape` whose H and W are positive multiples of
+    `config.patch_size` and whose C is `config.num_channels`; a ValueError otherwise."""
+    patch, channels = config.patch_size, config.num_channels
+    if (
+        len(shape) != 4
+        or shape[-1] != channels
+        or min(shape[1:3]) < patch
+        or shape[1] % patch
+        or shape[2] % patch
+    ):
+        raise ValueError(
+            f"pixel_values must be NHWC of shape (B, H, W, {channels}) with H and W positive "
+            f"multiples of patch_size={patch} (interpolate_pos_encoding=True); got {tuple(shape)}. "
+            f"Crop or resize the images to a multiple of {patch}, or transpose NCHW to NHWC."
+        )
+    return shape[1] // patch, shape[2] // patch
+
+
+def resize_position_embeddings(position_embeddings: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    """(1, 1 + g * g, D) embeddings of [CLS] and a square g x g patch grid -> (1, 1 + r * c, D)
+    for an r x c grid `grid`: the [CLS] row unchanged, the patch rows resized as a g x g image.
+
+    The resize is `jax.image.resize(..., "bicubic")` in float32, cast back to the input dtype:
+    Keys' cubic kernel with a = -0.5, half-pixel centres, weights of samples outside the grid
+    dropped and the rest renormalised, antialiased (the kernel widened by g / r) when shrinking.
+    It is not torch's bicubic that Hugging Face and DINO use (a = -0.75, no antialiasing), so
+    results at another size differ from theirs; at the config's own grid the embeddings are
+    returned unchanged.
+    """
+    count, features = position_embeddings.shape[1], position_embeddings.shape[2]
+    side = math.isqrt(count - 1) if count > 1 else 0
+    if position_embeddings.shape[0] != 1 or side == 0 or side * side != count - 1:
+        raise ValueError(
+            f"position_embeddings must be (1, 1 + g * g, D) for a square g x g patch grid; got "
+            f"{tuple(position_embeddings.shape)}. Pass a ViT's embeddings.position_embeddings."
+        )
+    if tuple(grid) == (side, side):
+        return position_embeddings
+    cls, patches = position_embeddings[:, :1], position_embeddings[0, 1:]
+    image = patches.reshape(side, side, features).astype(jnp.float32)
+    resized = jax.image.resize(image, (*grid, features), method="bicubic")
+    resized = resized.reshape(1, grid[0] * grid[1], features).astype(position_embeddings.dtype)
+    return jnp.concatenate([cls, resized], axis=1)
 
 
 class ViTLayer(nnx.Module):
@@ -173,9 +238,12 @@ class ViTModel(nnx.Module):
         self.norm = layers.hidden_layer_norm(config, rngs)
         self.pooler = layers.pooler(config, rngs, enabled=add_pooling_layer)
 
-    def __call__(self, pixel_values: jax.Array) -> jax.Array:
-        """Encodes NHWC images."""
-        return self.norm(self.encoder(self.embeddings(pixel_values)))
+    def __call__(
+        self, pixel_values: jax.Array, interpolate_pos_encoding: bool = False
+    ) -> jax.Array:
+        """Encodes NHWC images (any multiple of the patch size with `interpolate_pos_encoding`)."""
+        embedded = self.embeddings(pixel_values, interpolate_pos_encoding)
+        return self.norm(self.encoder(embedded))
 
     def pool(self, hidden: jax.Array) -> jax.Array:
         """The HF pooled output: tanh(dense(hidden state of [CLS]))."""
@@ -193,9 +261,12 @@ class ViTForImageClassification(nnx.Module):
             config.hidden_size, num_labels, **layers.layer_kwargs(config, rngs)
         )
 
-    def __call__(self, pixel_values: jax.Array) -> jax.Array:
-        """Class logits (B, num_labels)."""
-        return self.classifier(self.vit(pixel_values)[:, 0])
+    def __call__(
+        self, pixel_values: jax.Array, interpolate_pos_encoding: bool = False
+    ) -> jax.Array:
+        """Class logits (B, num_labels) (images of any multiple of the patch size with
+        `interpolate_pos_encoding`)."""
+        return self.classifier(self.vit(pixel_values, interpolate_pos_encoding)[:, 0])
 
 
 def build(

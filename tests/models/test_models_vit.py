@@ -142,3 +142,78 @@ def test_config_round_trips_and_checks_patch_size():
     assert vit.config_from_hf(vit.config_to_hf(config)) == config
     with pytest.raises(ValueError, match="patch_size"):
         vit.config_from_hf({**TINY, "image_size": 18})
+
+
+def _keys_cubic_weights(size_in, size_out):
+    """(size_in, size_out) weights of a 1-D resize as jax documents its "bicubic": Keys' kernel
+    (a = -0.5) at half-pixel centres, widened by size_in / size_out when shrinking, normalised."""
+    scale = size_out / size_in
+    centres = (np.arange(size_out) + 0.5) / scale - 0.5
+    x = np.abs(centres[None, :] - np.arange(size_in)[:, None]) / max(1.0 / scale, 1.0)
+    near = ((1.5 * x - 2.5) * x) * x + 1.0
+    far = ((-0.5 * x + 2.5) * x - 4.0) * x + 2.0
+    weights = np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+    return weights / weights.sum(axis=0, keepdims=True)
+
+
+def _tiny_embeddings():
+    """The embeddings of a tiny ViT (4 x 4 patch grid, hidden 32) with random parameters."""
+    return vit.ViTModel(vit.ViTConfig(**TINY), rngs=nnx.Rngs(0)).embeddings
+
+
+def test_interpolation_at_the_config_size_is_the_plain_call(images):
+    model = vit.ViTForImageClassification(vit.ViTConfig(**TINY), 3, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(
+        model(_nhwc(images), interpolate_pos_encoding=True), model(_nhwc(images))
+    )
+
+
+def test_interpolation_to_a_smaller_rectangular_grid_keeps_the_cls_position(images):
+    embeddings = _tiny_embeddings()
+    crop = _nhwc(images)[:, :8, :12]
+    out = embeddings(crop, interpolate_pos_encoding=True)
+    assert out.shape == (2, 1 + 2 * 3, TINY["hidden_size"])
+    cls = embeddings.cls_token[...][0, 0] + embeddings.position_embeddings[...][0, 0]
+    np.testing.assert_allclose(out[:, 0], np.broadcast_to(cls, out[:, 0].shape), atol=1e-7)
+    backbone = vit.ViTModel(vit.ViTConfig(**TINY), rngs=nnx.Rngs(0))
+    assert backbone(crop, interpolate_pos_encoding=True).shape == (2, 7, TINY["hidden_size"])
+
+
+@pytest.mark.parametrize("grid", [(2, 2), (3, 6), (8, 5)])
+def test_resized_position_embeddings_match_a_numpy_bicubic(grid):
+    table = np.random.default_rng(2).normal(size=(1, 17, 5)).astype(np.float32)
+    resized = np.asarray(vit.resize_position_embeddings(jnp.asarray(table), grid))
+    patches = table[0, 1:].reshape(4, 4, 5).astype(np.float64)
+    rows, cols = _keys_cubic_weights(4, grid[0]), _keys_cubic_weights(4, grid[1])
+    expected = np.einsum("ar,bc,abd->rcd", rows, cols, patches).reshape(-1, 5)
+    assert resized.shape == (1, 1 + grid[0] * grid[1], 5)
+    np.testing.assert_array_equal(resized[0, 0], table[0, 0])
+    np.testing.assert_allclose(resized[0, 1:], expected, atol=1e-5)
+
+
+def test_resizing_keeps_a_constant_grid_and_upsamples_by_hand_computed_weights():
+    constant = jnp.concatenate([jnp.zeros((1, 1, 2)), jnp.full((1, 16, 2), 0.7)], axis=1)
+    np.testing.assert_allclose(vit.resize_position_embeddings(constant, (6, 3))[0, 1:], 0.7,
+                               rtol=1e-6)
+    # A 2 x 2 grid [[0, 1], [0, 1]] widened to 4 columns samples at x = -0.25, 0.25, 0.75, 1.25.
+    # Keys' kernel: k(0.25) = 0.8671875, k(0.75) = 0.2265625, k(1.25) = -0.0703125; weights of
+    # samples outside the grid are dropped and the two left renormalised.
+    table = jnp.asarray([[[9.0], [0.0], [1.0], [0.0], [1.0]]])
+    resized = np.asarray(vit.resize_position_embeddings(table, (2, 4)))
+    edge = -0.0703125 / (0.8671875 - 0.0703125)
+    inner = 0.2265625 / (0.8671875 + 0.2265625)
+    np.testing.assert_allclose(
+        resized[0, 1:, 0].reshape(2, 4), [[edge, inner, 1 - inner, 1 - edge]] * 2, atol=1e-6
+    )
+    assert resized[0, 0, 0] == 9.0
+
+
+@pytest.mark.parametrize("shape", [(1, 18, 16, 3), (1, 16, 2, 3), (1, 3, 16, 16), (16, 16, 3)])
+def test_interpolation_refuses_sizes_that_are_not_patch_multiples(shape):
+    with pytest.raises(ValueError, match=r"multiples of patch_size=4"):
+        _tiny_embeddings()(jnp.zeros(shape), interpolate_pos_encoding=True)
+
+
+def test_resize_refuses_a_table_that_is_not_a_square_grid():
+    with pytest.raises(ValueError, match="square"):
+        vit.resize_position_embeddings(jnp.zeros((1, 16, 4)), (2, 2))
