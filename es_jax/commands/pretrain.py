@@ -1,10 +1,13 @@
 """`es-jax pretrain`: pre-training with Orbax checkpoints that resume exactly.
 
     es-jax pretrain --config configs/pretrain_smoke.py --workdir runs/smoke [--config.key=value ...]
+    es-jax pretrain --config configs/fashion_vit_dino.py --workdir runs/ssl_vs_sl/dino
 
-Trains (`es_jax.train.pretrain`), saving checkpoints under `WORKDIR/checkpoints/`; the same
-command run again resumes from the newest readable checkpoint. Writes `results.json` (the last
-logged metrics and timing), `train_log.jsonl` and `loss.png`. A workdir that holds another
+Trains the objective the config names (`es_jax.train.pretrain`: MLM BERT on text by default;
+`objective` "supervised" or "dino" for a ViT on images), saving checkpoints under
+`WORKDIR/checkpoints/`; the same command run again resumes from the newest readable checkpoint.
+Writes `results.json` (the last logged metrics, timing and, for vision runs, the backbone's k-NN
+accuracy), `train_log.jsonl` and `loss.png`. A workdir that holds another
 config is refused unless `--config.force=True`, and a refused command writes nothing there. A run
 whose loss, gradient norm or weights become NaN or inf stops with one line naming the step, and
 none of its checkpoints holds such weights. Every host of a pod runs the same command
@@ -23,8 +26,8 @@ import ml_collections
 
 from es_jax.commands import command_line
 
-SUMMARY = "Pre-training (MLM) with Orbax checkpoints at many steps; re-run to resume."
-DEFAULT_CONFIG = None  # --config is required: configs/pretrain_*.py
+SUMMARY = "Pre-training (MLM, or a ViT supervised/DINO) with Orbax checkpoints; re-run to resume."
+DEFAULT_CONFIG = None  # --config is required: configs/pretrain_*.py, configs/fashion_vit_*.py
 
 
 def main(argv: Sequence[str]) -> None:
