@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "pretrain": "pre-training with Orbax checkpoints that resume exactly",
     "emergence": "near-zero weights and mask overlap across checkpoints",
     "lth": "lottery tickets (IMP) vs one-shot magnitude pruning",
+    "weights": "layer-wise normalised-weight distributions and near-zero fractions (Fig. 7)",
 }
 
 

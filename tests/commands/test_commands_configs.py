@@ -22,6 +22,9 @@ EXPERIMENTS = (
 )
 PRETRAINING = ("pretrain_cpu.py", "pretrain_smoke.py", "bert_base_pretrain.py")
 LOTTERY = ("lth_text.py",)  # es-jax lth; its tiny run is tests/commands/test_commands_lth.py
+# es-jax pretrain of a ViT; their tiny runs are tests/train/test_train_vision.py.
+VISION_PRETRAINING = ("fashion_vit_supervised.py", "fashion_vit_dino.py")
+WEIGHTS = ("ssl_vs_sl_weights.py",)  # es-jax weights; tests/commands/test_commands_weights.py
 
 
 def load(name: str, variant: str = ""):
@@ -29,7 +32,8 @@ def load(name: str, variant: str = ""):
 
 
 def test_every_config_file_is_listed_here():
-    assert {p.name for p in CONFIGS.glob("*.py")} == {*EXPERIMENTS, *PRETRAINING, *LOTTERY}
+    listed = {*EXPERIMENTS, *PRETRAINING, *LOTTERY, *VISION_PRETRAINING, *WEIGHTS}
+    assert {p.name for p in CONFIGS.glob("*.py")} == listed
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.py")))
@@ -46,6 +50,17 @@ def test_pretraining_tiny_variant_is_the_offline_smoke_run(name):
     assert tiny.model.to_dict() == smoke.model.to_dict()
     assert tiny.data.to_dict() == smoke.data.to_dict()
     assert (tiny.total_steps, tiny.distributed) == (30, False)
+
+
+def test_vision_pretraining_configs_share_backbone_optimizer_and_images_seen():
+    supervised, dino = (load(name) for name in VISION_PRETRAINING)
+    assert (supervised.objective, dino.objective) == ("supervised", "dino")
+    assert supervised.model.to_dict() == dino.model.to_dict()
+    for key in ("global_batch_size", "total_steps", "learning_rate", "warmup_steps",
+                "weight_decay", "adam_b1", "adam_b2", "grad_clip_norm"):
+        assert supervised[key] == dino[key], key
+    assert "dino" not in supervised
+    assert load(VISION_PRETRAINING[1], "tiny").total_steps == 20
 
 
 def test_pretraining_configs_change_only_what_differs_from_the_base():
