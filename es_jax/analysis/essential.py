@@ -6,6 +6,10 @@ model. A "drop" here is always how much worse a level is than dense, in the metr
 a positive drop means worse whether the metric is higher-is-better (accuracy, Spearman) or
 lower-is-better (perplexity, loss). Epsilon is absolute (points of accuracy/F1/correlation) or
 relative to the dense value (perplexity and loss).
+
+Fine-tuned levels repeated over seeds are judged on their seed means by the paper's rule, and
+also by a noise-aware rule: a level only counts as a drop when it exceeds both epsilon and the
+seed spread, sqrt(std_dense^2 + std_level^2) (`beyond_noise`, `noise_aware_essential_sparsity`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -74,12 +79,61 @@ def essential_sparsity(
     as out of tolerance.
     """
     s, d = _checked_curve(sparsities, drops)
+    return _last_within(s, d, np.full(s.shape, tolerance))
+
+
+def noise_aware_essential_sparsity(
+    sparsities: Sequence[float],
+    drops: Sequence[float],
+    tolerance: float,
+    noises: Sequence[float],
+) -> float:
+    """Largest grid sparsity such that no level up to it is `beyond_noise` (0.0 if none): every
+    level's drop is within epsilon or within its seed spread `noises[i]`. Equal to
+    `essential_sparsity` when every noise is 0; a NaN drop counts as beyond."""
+    s, d = _checked_curve(sparsities, drops)
+    order = np.argsort(np.asarray(sparsities, dtype=np.float64), kind="stable")
+    n = np.asarray(noises, dtype=np.float64)
+    if n.shape != order.shape:
+        raise ValueError(f"noises must give one value per level, got {n.shape} for {s.shape}.")
+    return _last_within(s, d, np.maximum(tolerance, n[order]))
+
+
+def _last_within(s: np.ndarray, d: np.ndarray, allowed: np.ndarray) -> float:
+    """The last sparsity of the sorted curve before the first drop that is not <= its allowance."""
     essential = 0.0
-    for sparsity, level_drop in zip(s, d, strict=True):
-        if not level_drop <= tolerance:  # NaN-safe: NaN fails the test
+    for sparsity, level_drop, limit in zip(s, d, allowed, strict=True):
+        if not level_drop <= limit:  # NaN-safe: NaN fails the test
             break
         essential = float(sparsity)
     return essential
+
+
+class Spread(NamedTuple):
+    """A level's per-seed values summarised: their mean and sample standard deviation."""
+
+    mean: float
+    std: float
+
+
+def seed_spread(values: Sequence[float]) -> Spread:
+    """Mean and sample standard deviation (ddof=1; 0.0 for one value) of per-seed values."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1 or not v.size:
+        raise ValueError(f"seed values must be a non-empty 1-D list, got shape {v.shape}.")
+    return Spread(float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0)
+
+
+def seed_noise(dense_std: float, level_std: float) -> float:
+    """The spread a level's drop must exceed to count: sqrt(dense_std^2 + level_std^2), the
+    standard deviation of the difference of two independent seed values."""
+    return math.hypot(dense_std, level_std)
+
+
+def beyond_noise(level_drop: float, tolerance: float, noise: float) -> bool:
+    """True when the drop exceeds both epsilon (`tolerance`) and the seed spread `noise`; a NaN
+    drop counts as beyond."""
+    return not level_drop <= max(tolerance, noise)
 
 
 def knee(sparsities: Sequence[float], drops: Sequence[float], tolerance: float) -> float | None:

@@ -38,7 +38,9 @@ def plot_drops(runs: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     with the entry), so methods that need entries of their own are compared in one place. The
     y-axis is the drop in the metric's units (positive = worse than dense); the dashed line is
     the tolerance epsilon, and a dotted vertical line of the curve's colour marks its essential
-    sparsity. Perplexity drops use a symmetric log scale, as they explode past the knee.
+    sparsity. A run fine-tuned over seeds has error bars of its seed spread at every level
+    (sqrt(std_dense^2 + std_level^2), the `noise` its drops are judged against). Perplexity drops
+    use a symmetric log scale, as they explode past the knee.
     """
     panels: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for run in runs:
@@ -59,11 +61,16 @@ def plot_drops(runs: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
             label = f"{run['pattern']}/{run['scorer']}"
             if entries > 1:
                 label = f"{run['model']}: {label}"
+            # Fine-tuned over seeds: bars of the seed spread a drop must exceed (finalise's noise)
+            spread = [level["noise"] for level in levels] if "dense_std" in run else None
             if ":" in run["pattern"]:  # N:M: one pruned level, a point rather than a line
                 x, y = x[1:], y[1:]
-                (line,) = ax.plot(x, y, marker="s", ms=5, ls="none", label=label)
+                spread = spread[1:] if spread else None
+                line = ax.errorbar(x, y, yerr=spread, marker="s", ms=5, ls="none", capsize=2,
+                                   label=label).lines[0]
             else:
-                (line,) = ax.plot(x, y, marker="o", ms=3, label=label)
+                line = ax.errorbar(x, y, yerr=spread, marker="o", ms=3, capsize=2,
+                                   label=label).lines[0]
             if run.get("essential_sparsity") is not None:
                 ax.axvline(100 * run["essential_sparsity"], color=line.get_color(), ls=":")
         tolerance = panel_runs[0].get("tolerance")

@@ -10,10 +10,13 @@ each scorer (magnitude, Wanda, random) the scores are computed once and, for eac
 layerwise, per_output, N:M), the nested masks of every level left come from one selection; each
 mask is applied and every task lacking that level evaluated. The sequential methods (SparseGPT,
 Wanda as its reference runs it) prune the model block by block on calibration text once per
-level instead (`models.prune_sequential`). Each level records how long its pruning took. Each
-finished level is written to `WORKDIR/results.json` atomically, so a crash loses none and a
-re-run resumes from the plan. At the end: essential sparsity and knee per run, a CSV, a summary
-and plots.
+level instead (`models.prune_sequential`). Each level records how long its pruning took. A
+fine-tune task fine-tunes every level (and dense) once per seed of its entry, each seed with its
+own head, data order and held-out split (`finetune_setup`); the level stores the seeds' values,
+their mean and standard deviation. Each finished level (and each seed of an unfinished one) is
+written to `WORKDIR/results.json` atomically, so a crash loses none and a re-run resumes from
+the plan. At the end: essential sparsity (the paper's rule, and the noise-aware one where there
+are seeds) and knee per run, a CSV, a summary and plots.
 """
 
 from __future__ import annotations
@@ -29,14 +32,19 @@ import jax
 import ml_collections
 from tqdm.auto import tqdm
 
+from es_jax.analysis import essential
 from es_jax.commands import command_line, sweep_plan
 from es_jax.commands.sweep_config import (
+    CHECKPOINT_PREFIX,
     HEAD_TASK,
     SEQUENTIAL_SCORERS,
     Pattern,
+    checkpoint_source,
     default_config,
     finetune_config,
+    image_normalisation,
     parse_pattern,
+    run_seeds,
     validate,
 )
 from es_jax.commands.sweep_results import (
@@ -129,34 +137,78 @@ def task_settings(config: Any, settings: Any) -> task_registry.TaskSettings:
         mc_data=settings.mc_data,
         mc_shots=settings.mc_shots,
         mc_style=settings.mc_style,
+        max_train_examples=settings.max_train_examples,
+        labels_per_class=settings.labels_per_class,
+        image_size=settings.image_size,
+        normalisation=image_normalisation(settings),
     )
+
+
+# Heads a sweep fine-tunes: always new, from the seed (never a pre-training run's own head).
+FINETUNE_HEADS = ("classification", "qa")
 
 
 def load_model(
     settings: Any, head: str, seed: int, num_labels: int | None = None
 ) -> tuple[Any, Any]:
-    """(model, tokenizer): the named checkpoint, or a random tiny model of `settings.tiny`.
+    """(model, tokenizer): the named checkpoint, a pre-training run's checkpoint
+    ("checkpoint:RUN_DIR[@STEP]"), or a random tiny model of `settings.tiny`.
 
-    A new head (classification, QA) is initialised from `seed`, the same at every level.
+    A fine-tune head (classification, QA) is new, initialised from `seed` (the same at every
+    level), on a backbone that does not depend on the seed: a tiny model's weights, which stand
+    for pre-trained ones, are the random ones of seed 0, and a pre-training run's own classifier
+    is not kept (`with_new_head`). Other models are loaded as they are, with `seed` for anything
+    the checkpoint lacks.
     """
+    from es_jax import models
+
+    task = HEAD_TASK[head]
+    new_head = task in FINETUNE_HEADS
+    source = checkpoint_source(settings)
+    if source is not None:
+        from es_jax.train.checkpoint_models import load_checkpoint_model
+
+        model, tokenizer = load_checkpoint_model(
+            source, task=None if new_head else task, num_labels=num_labels, seed=seed
+        )
+    elif len(settings.tiny):
+        model, tokenizer = tiny_model(settings, None if new_head else task, 0 if new_head else seed)
+    else:
+        return models.load(settings.name, task=task, num_labels=num_labels, seed=seed)
+    return (with_new_head(model, task, num_labels, seed) if new_head else model), tokenizer
+
+
+def tiny_model(settings: Any, task: str | None, seed: int) -> tuple[Any, Any]:
+    """A random model of the HF config fields `settings.tiny` for `task` (weights from `seed`),
+    with the tokenizer `settings.tokenizer` (None for images)."""
     from flax import nnx
 
     from es_jax import models
     from es_jax.models import hub
 
-    task = HEAD_TASK[head]
-    if not len(settings.tiny):
-        return models.load(settings.name, task=task, num_labels=num_labels, seed=seed)
     hf_config = settings.tiny.to_dict()
     family = hub.family_for(hf_config["model_type"])
-    model = family.build(
-        family.config_from_hf(hf_config), task, rngs=nnx.Rngs(seed), num_labels=num_labels or 2
-    )
+    model = family.build(family.config_from_hf(hf_config), task, rngs=nnx.Rngs(seed))
     model.eval()
     if family is models.vit:  # images: no tokenizer
         return model, None
-    tokenizer = hub.read_tokenizer(hub.resolve(settings.tokenizer, None))
-    return model, tokenizer
+    return model, hub.read_tokenizer(hub.resolve(settings.tokenizer, None))
+
+
+def with_new_head(backbone: Any, task: str, num_labels: int | None, seed: int) -> Any:
+    """The model of `task` on `backbone`'s weights, its head new from `seed`: the backbone as a
+    Hugging Face checkpoint (its family's tensors) loaded by `hub.from_hf`, as a hub backbone
+    checkpoint gets a head."""
+    from es_jax.models import hub
+
+    family = hub.family_of(backbone)
+    return hub.from_hf(
+        family.config_to_hf(backbone.config),
+        family.export_hf_tensors(backbone),
+        task=task,
+        num_labels=num_labels,
+        seed=seed,
+    )
 
 
 def calibration(prepared: ModelRun, config: Any, settings: Any) -> list[dict]:
@@ -277,8 +329,10 @@ class ModelRun:
     params: Any
     where: str
     evaluators: dict[str, Evaluator]
-    # value(task, pruned params, mask or None for dense) -> metric; fine-tunes first if needed
-    value: Callable[[str, Any, Any], float]
+    # value(task, pruned params, mask or None for dense, seed or None) -> metric; fine-tunes
+    # first (with that seed's head, data order and split) if needed
+    value: Callable[[str, Any, Any, int | None], float]
+    seeds: tuple[int, ...] = ()  # a fine-tune task's seeds; () = evaluated once (zero-shot)
 
 
 def prepare(key: str, settings: Any, config: Any, task_names: Sequence[str]) -> ModelRun:
@@ -295,35 +349,47 @@ def prepare(key: str, settings: Any, config: Any, task_names: Sequence[str]) -> 
     }
     _, params, _ = split_params(model)
 
-    def value(name: str, pruned: Any, mask: Any) -> float:
+    def value(name: str, pruned: Any, mask: Any, seed: int | None) -> float:
         return built[name](pruned)
 
     return ModelRun(key, model, tokenizer, params, models.prunable(model), built, value)
 
 
 def prepare_finetune(key: str, settings: Any, config: Any, task_name: str) -> ModelRun:
-    """A fine-tune task: every level fine-tunes the pre-trained model with its mask fixed.
+    """A fine-tune task: every level fine-tunes the pre-trained model with its mask fixed, once
+    per seed of the entry (`run_seeds`).
 
-    The pre-trained weights, the new head's initialisation, the dropout stream and the data
-    order are the same at every level (es_jax.train.finetune); only the mask differs.
+    For one seed the pre-trained weights, the new head's initialisation, the dropout stream, the
+    data order and any held-out split are the same at every level (es_jax.train.finetune); only
+    the mask differs. Each seed's model and data are set up on first use and kept; the masks
+    come from the first seed's parameters (the heads, which differ, are not pruned).
     """
     from flax import nnx
 
     from es_jax import models
     from es_jax.train import finetune
 
-    setup = finetune_setup(settings, task_name, config.seed, config.data_dir)
-    _, params, _ = split_params(setup.model)
+    seeds = run_seeds(settings, config)
+    setups: dict[int, FinetuneSetup] = {}
 
-    def value(name: str, pruned: Any, mask: Any) -> float:
+    def setup_of(seed: int) -> FinetuneSetup:
+        if seed not in setups:
+            setups[seed] = finetune_setup(settings, task_name, seed, config.data_dir)
+        return setups[seed]
+
+    first = setup_of(seeds[0])
+    _, params, _ = split_params(first.model)
+
+    def value(name: str, pruned: Any, mask: Any, seed: int | None) -> float:
+        setup = setup_of(seed)
         trained, _ = finetune.finetune(
-            setup.model_fn, mask, setup.data.train, setup.ft_config, config.seed
+            setup.model_fn, mask, setup.data.train, setup.ft_config, seed
         )
         return setup.data.evaluator(nnx.state(trained, nnx.Param))
 
-    evaluators = {task_name: setup.data.evaluator}
-    where = models.prunable(setup.model)
-    return ModelRun(key, setup.model, setup.tokenizer, params, where, evaluators, value)
+    evaluators = {task_name: first.data.evaluator}
+    where = models.prunable(first.model)
+    return ModelRun(key, first.model, first.tokenizer, params, where, evaluators, value, seeds)
 
 
 class FinetuneSetup(NamedTuple):
@@ -363,6 +429,8 @@ def finetune_setup(settings: Any, task_name: str, seed: int, data_dir: str) -> F
             max_train_examples=settings.max_train_examples,
             doc_stride=settings.doc_stride,
             image_size=settings.image_size,
+            labels_per_class=settings.labels_per_class,
+            normalisation=image_normalisation(settings),
         ),
     )
     graphdef, params, rest = split_params(model)
@@ -384,9 +452,48 @@ class LoadContext:
     store: ResultsStore
     bar: tqdm
     stamp: str
-    dense: dict[str, float]
+    dense: dict[str, Measured]
     dense_sparsity: tuple[float, float]
     apply: Callable[[Any, Any], Any]
+
+
+class Measured(NamedTuple):
+    """A task's metric at one level: its value, which is the seeds' mean when fine-tuned over
+    seeds, with the seeds, their values and sample standard deviation (empty for zero-shot)."""
+
+    value: float
+    seeds: tuple[int, ...] = ()
+    values: tuple[float, ...] = ()
+    std: float = 0.0
+
+
+def measure(
+    context: LoadContext, pending: str, label: str, evaluate: Callable[[int | None], float]
+) -> Measured:
+    """`evaluate(seed)` for every seed of the load's model run (once, with None, when it has
+    none).
+
+    Each seed's value is stored under the store's pending key `pending` as soon as it is known
+    (the caller saves the finished level, which clears it), so a re-run evaluates only the seeds
+    a crash left. A value that is not finite is a ValueError naming `label` and the seed.
+    """
+    store, seeds, bar = context.store, context.prepared.seeds, context.bar
+    if not seeds:
+        value = finite(evaluate(None), label)
+        bar.update(1)
+        return Measured(value)
+    done = store.pending_values(pending, context.stamp)
+    for seed in seeds:
+        if seed not in done:
+            bar.set_description(f"{label}, seed {seed}")
+            done[seed] = finite(evaluate(seed), f"{label}, seed {seed}")
+            store.add_pending(pending, context.stamp, seed, done[seed])
+            store.save()
+        bar.update(1)
+    values = tuple(done[seed] for seed in seeds)
+    store.clear_pending(pending)
+    spread = essential.seed_spread(values)
+    return Measured(spread.mean, seeds, values, spread.std)
 
 
 class MaskPlot(NamedTuple):
@@ -418,10 +525,11 @@ def execute(
         store,
         bar,
         stamp,
-        dense_values(prepared, load, settings, store, stamp, bar),
+        {},
         measured(prepared.params, prepared.where),
         jax.jit(pruning.apply),
     )
+    context.dense = dense_values(context, load, settings)
     plot = mask_plot(settings, config) if load.plots else None
     for scorer in settings.scorers:
         curves = [curve for curve in load.curves if curve.scorer == scorer]
@@ -466,7 +574,8 @@ def execute_curve(
                 plot = None
             evaluate_level(context, records, label, level, pruned)
         levels = sweep_plan.missing_levels(context.config, records, pattern)
-        context.bar.total += sum(len(level.tasks) for level in levels)
+        per_level = max(1, len(context.prepared.seeds))
+        context.bar.total += per_level * sum(len(level.tasks) for level in levels)
     return plot
 
 
@@ -480,24 +589,39 @@ def plot_here(
 
 
 def dense_values(
-    prepared: ModelRun,
-    load: sweep_plan.Load,
-    settings: ml_collections.ConfigDict,
-    store: ResultsStore,
-    stamp: str,
-    bar: tqdm,
-) -> dict[str, float]:
-    """The dense metric of every task of the load: stored, or evaluated when the plan says."""
+    context: LoadContext, load: sweep_plan.Load, settings: ml_collections.ConfigDict
+) -> dict[str, Measured]:
+    """The dense metric of every task of the load: stored, or evaluated (per seed of a
+    fine-tune task) when the plan says."""
+    prepared = context.prepared
     values = {}
     for name in load.tasks:
         if name in load.dense:
-            bar.set_description(f"{prepared.key}/{name} dense")
-            value = prepared.value(name, prepared.params, None)
-            values[name] = finite(value, f"{prepared.key}/{name} dense")
-            bar.update(1)
+            label = f"{prepared.key}/{name} dense"
+            context.bar.set_description(label)
+            values[name] = measure(
+                context,
+                f"{prepared.key}|{name}|dense",
+                label,
+                lambda seed, name=name: prepared.value(name, prepared.params, None, seed),
+            )
         else:
-            values[name] = sweep_plan.stored_dense(store.runs, prepared.key, settings, name, stamp)
+            runs = context.store.runs
+            record = sweep_plan.stored_dense(runs, prepared.key, settings, name, context.stamp)
+            values[name] = stored_measured(record)
     return values
+
+
+def stored_measured(record: dict) -> Measured:
+    """The dense Measured a stored run record holds."""
+    if "dense_std" not in record:
+        return Measured(record["dense"])
+    return Measured(
+        record["dense"],
+        tuple(record["seeds"]),
+        tuple(record["dense_values"]),
+        record["dense_std"],
+    )
 
 
 def open_records(
@@ -511,21 +635,28 @@ def open_records(
             context.prepared.key, task_registry.get(name), curve.pattern, curve.scorer,
             context.stamp,
         )
-        record["dense"] = context.dense[name]
+        dense = context.dense[name]
+        record["dense"] = dense.value
+        if dense.seeds:
+            record["seeds"] = list(dense.seeds)
+            record["dense_values"] = list(dense.values)
+            record["dense_std"] = dense.std
         record["num_examples"] = evaluator.num_examples
         record["scores_seconds"] = scores_seconds
         if 0.0 in context.config.grid and level_of(record, 0.0) is None:
-            record["levels"].append(
-                level_record(0.0, context.dense_sparsity, context.dense[name])
-            )
+            record["levels"].append(level_record(0.0, context.dense_sparsity, dense))
         records[name] = record
     context.store.save()
     return records
 
 
 def checkpoint_name(settings: ml_collections.ConfigDict) -> str:
-    """What a model entry loads: its `name`, or "tiny <model_type>" for a random tiny model."""
-    return f"tiny {settings.tiny.model_type}" if len(settings.tiny) else settings.name
+    """What a model entry loads: its `name`, "checkpoint:RUN_DIR@STEP" (the step resolved) for a
+    pre-training run's checkpoint, or "tiny <model_type>" for a random tiny model."""
+    if len(settings.tiny):
+        return f"tiny {settings.tiny.model_type}"
+    source = checkpoint_source(settings)
+    return settings.name if source is None else CHECKPOINT_PREFIX + source
 
 
 def evaluate_level(
@@ -535,18 +666,22 @@ def evaluate_level(
     level: sweep_plan.Level,
     pruned: Pruned,
 ) -> None:
-    """Evaluates the tasks that lack this level on its pruned parameters; saves after each."""
+    """Evaluates the tasks that lack this level on its pruned parameters (per seed of a fine-tune
+    task); saves after each."""
     prepared = context.prepared
     sparsity = measured(pruned.params, prepared.where)
     for name in level.tasks:
         context.bar.set_description(f"{prepared.key}/{name} {label} {level.sparsity:.2f}")
-        value = prepared.value(name, pruned.params, pruned.mask)
-        value = finite(value, f"{prepared.key}/{name} at {level.sparsity:g} sparsity")
+        value = measure(
+            context,
+            f"{records[name]['id']}|{level.sparsity!r}",
+            f"{prepared.key}/{name} at {level.sparsity:g} sparsity",
+            lambda seed, name=name: prepared.value(name, pruned.params, pruned.mask, seed),
+        )
         record = level_record(level.sparsity, sparsity, value)
         record["prune_seconds"] = pruned.seconds
         records[name]["levels"].append(record)
         context.store.save()
-        context.bar.update(1)
 
 
 def finite(value: float, label: str) -> float:
@@ -560,14 +695,20 @@ def finite(value: float, label: str) -> float:
     return value
 
 
-def level_record(sparsity: float, measured_sparsity: tuple[float, float], value: float) -> dict:
-    """One level of a run: the asked sparsity, the measured target and model sparsity, value."""
-    return {
+def level_record(
+    sparsity: float, measured_sparsity: tuple[float, float], value: Measured
+) -> dict:
+    """One level of a run: the asked sparsity, the measured target and model sparsity, value;
+    fine-tuned over seeds also the seeds, their values and standard deviation."""
+    record = {
         "sparsity": sparsity,
         "measured_sparsity": measured_sparsity[0],
         "model_sparsity": measured_sparsity[1],
-        "value": value,
+        "value": value.value,
     }
+    if value.seeds:
+        record.update(seeds=list(value.seeds), values=list(value.values), std=value.std)
+    return record
 
 
 def measured(params: Any, where: str) -> tuple[float, float]:

@@ -6,18 +6,22 @@ file), one model entry's settings (`model_settings()`), the `:tiny` variant that
 sweep config to a smoke run of tiny random models (`with_variant`), and everything that can be
 checked before any work starts: sparsity patterns (global, layerwise, per_output, N:M), the
 grid, scorers and the patterns each takes, each model's family against the kind of model its
-tasks need, the calibration text, and fine-tune settings, so a bad config fails with a
-ValueError up front.
+tasks need, the calibration text, fine-tune settings and seeds, and a pre-training checkpoint
+source (`checkpoint:RUN_DIR[@STEP]`, its run and step), so a bad config fails with a ValueError
+up front. It also says what a model entry loads (`checkpoint_source`) and how its images are
+normalised (`image_normalisation`).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import ml_collections
+import numpy as np
 
 from es_jax.analysis import essential
 from es_jax.evaluate import tasks as task_registry
@@ -40,6 +44,7 @@ HEAD_FAMILIES = {
     task_registry.MASKED_LM: ("bert",),
     task_registry.CLASSIFIER: ("bert", "opt"),
     task_registry.IMAGE_CLASSIFIER: ("vit",),
+    task_registry.IMAGE_ENCODER: ("vit",),
     task_registry.QUESTION_ANSWERING: ("bert",),
 }
 # The `task` argument of `models.load` / a family's `build` for each model kind.
@@ -49,8 +54,15 @@ HEAD_TASK = {
     task_registry.MASKED_LM: "mlm",
     task_registry.CLASSIFIER: "classification",
     task_registry.IMAGE_CLASSIFIER: "classification",
+    task_registry.IMAGE_ENCODER: None,
     task_registry.QUESTION_ANSWERING: "qa",
 }
+# A model entry that loads a pre-training run's checkpoint: "checkpoint:RUN_DIR[@STEP]".
+CHECKPOINT_PREFIX = "checkpoint:"
+# The model_type of each pre-training objective's checkpoint (es_jax.train.checkpoint_models).
+OBJECTIVE_MODEL_TYPE = {"mlm": "bert", "supervised": "vit", "dino": "vit"}
+# Fine-tune tasks outside the paper's Table 1 that take a Table 1 column's settings.
+PAPER_TASK = {"fashion_mnist_few": "fashion_mnist"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -61,7 +73,9 @@ def model_settings(**overrides: Any) -> ml_collections.ConfigDict:
     """One model's entry of `config.models`: what to load, which tasks, scorers and patterns."""
     settings = ml_collections.ConfigDict(
         {
-            "name": "",  # bundled name ("minilm", "smollm2"), local HF folder, .gguf or hub id
+            # bundled name ("minilm", "smollm2"), local HF folder, .gguf, hub id, or a run of
+            # `es-jax pretrain`: "checkpoint:RUN_DIR" (its newest step) or "checkpoint:RUN_DIR@STEP"
+            "name": "",
             # HF config.json fields of a random tiny model used instead of `name` (tests, smoke
             # runs): e.g. {"model_type": "bert", "hidden_size": 32, ...}. Empty = load `name`.
             "tiny": ml_collections.ConfigDict(),
@@ -91,7 +105,11 @@ def model_settings(**overrides: Any) -> ml_collections.ConfigDict:
             "finetune": ml_collections.ConfigDict(),
             "max_train_examples": 0,  # keep the first N training examples (0 = all)
             "doc_stride": 128,  # SQuAD windows
-            "image_size": 224,  # vision: images are resized to this square size
+            "image_size": 224,  # vision: images are resized to this square size (the model's)
+            "labels_per_class": 100,  # fashion_mnist_few (and fashion_knn's bank): images a class
+            # Fine-tune tasks: fine-tune every level once per seed (head, data order, held-out
+            # split); the level's value is the seed mean. () = config.seed alone.
+            "seeds": (),
         }
     )
     for key, value in overrides.items():
@@ -159,8 +177,9 @@ def with_variant(
 
 def shrink(config: ml_collections.ConfigDict, family_of_entry: dict[str, str]) -> None:
     """Turns a paper config into a smoke run (in place): tiny random models, two levels, two
-    training steps, a few examples, the first task and pattern of each model entry, and one
-    entry per distinct (family, model kind, pattern kind, scorers)."""
+    training steps, a few examples (2 images a class), at most two seeds, the first task and
+    pattern of each model entry, and one entry per distinct (family, model kind, pattern kind,
+    scorers)."""
     from es_jax.models import hub
 
     config.grid = (0.0, 0.5)
@@ -190,6 +209,8 @@ def shrink(config: ml_collections.ConfigDict, family_of_entry: dict[str, str]) -
         settings.calibration_blocks = 2
         settings.calibration_length = 32
         settings.image_size = 32
+        settings.labels_per_class = 2
+        settings.seeds = tuple(settings.seeds)[:2]
         settings.finetune = ml_collections.ConfigDict(
             {"total_steps": 2, "batch_size": 4, "num_epochs": 1}
         )
@@ -245,7 +266,8 @@ def check_grid(grid: Sequence[float], where: str = "grid") -> tuple[float, ...]:
 
 
 def model_type(settings: ml_collections.ConfigDict) -> str:
-    """The HF model_type of a model entry, read without loading weights."""
+    """The HF model_type of a model entry, read without loading weights (a checkpoint source's
+    from its run's objective, after checking that the run and step exist)."""
     from es_jax.models import hub
 
     if len(settings.tiny):
@@ -254,10 +276,87 @@ def model_type(settings: ml_collections.ConfigDict) -> str:
         return settings.tiny.model_type
     if not settings.name:
         raise ValueError("a model entry needs a 'name' (bundled name, folder, .gguf or hub id).")
+    source = checkpoint_source(settings)
+    if source is not None:
+        return OBJECTIVE_MODEL_TYPE[checkpoint_run(source).objective]
     location = hub.resolve(settings.name, None)
     if location.suffix == ".gguf":
         return "llama"
     return str(hub.read_config(location).get("model_type"))
+
+
+def checkpoint_source(settings: ml_collections.ConfigDict) -> str | None:
+    """What a "checkpoint:RUN_DIR[@STEP]" entry loads, as "RUN_DIR@STEP" with the step resolved
+    (`checkpoint_run`); None for any other entry."""
+    if len(settings.tiny) or not settings.name.startswith(CHECKPOINT_PREFIX):
+        return None
+    return checkpoint_run(settings.name.removeprefix(CHECKPOINT_PREFIX)).source
+
+
+class CheckpointRun(NamedTuple):
+    """A pre-training checkpoint a sweep loads: "RUN_DIR@STEP" and its run's objective."""
+
+    source: str
+    objective: str
+
+
+@functools.cache
+def checkpoint_run(source: str) -> CheckpointRun:
+    """The checkpoint "RUN_DIR" (its newest saved step, fixed for this process) or
+    "RUN_DIR@STEP" names; ValueError of one line when the run directory, its checkpoints or the
+    step do not exist."""
+    from es_jax.train import checkpoint_models
+
+    parsed = checkpoint_models.parse_source(source)
+    run = checkpoint_models.open_source(source)
+    step = run.steps[-1] if parsed.step is None else parsed.step
+    if step not in run.steps:
+        raise ValueError(
+            f"{CHECKPOINT_PREFIX}{source}: run {run.directory} has no checkpoint at step {step}; "
+            f"saved steps: {list(run.steps)}."
+        )
+    return CheckpointRun(f"{parsed.run_dir}@{step}", checkpoint_models.objective_of(run))
+
+
+def image_normalisation(settings: ml_collections.ConfigDict) -> task_registry.Normalisation:
+    """The pixel normalisation a model entry's images get: `image_mean` and `image_std` of the
+    preprocessor_config.json of a model folder (or hub snapshot) whose tasks read images, else
+    [-1, 1] (`tasks.UNIT_RANGE`: tiny models, pre-training checkpoints, text models)."""
+    heads = {task_registry.get(t).head for t in settings.tasks if t in task_registry.TASKS}
+    vision = {task_registry.IMAGE_CLASSIFIER, task_registry.IMAGE_ENCODER}
+    if len(settings.tiny) or not heads & vision or settings.name.startswith(CHECKPOINT_PREFIX):
+        return task_registry.UNIT_RANGE
+    return preprocessor_normalisation(settings.name)
+
+
+@functools.cache
+def preprocessor_normalisation(name: str) -> task_registry.Normalisation:
+    """`image_mean` / `image_std` of the preprocessor_config.json of the model `name` resolves
+    to (one value each when every channel's is the same; mean 0, std 1 when it sets
+    do_normalize false); [-1, 1] when it has none."""
+    from es_jax.models import hub
+
+    path = hub.resolve(name, None) / "preprocessor_config.json"
+    if not path.is_file():
+        return task_registry.UNIT_RANGE
+    config = hub.read_json(path)
+    if config.get("do_normalize") is False:
+        return task_registry.Normalisation((0.0,), (1.0,))
+    try:
+        mean, std = config["image_mean"], config["image_std"]
+        mean, std = [float(m) for m in np.ravel(mean)], [float(d) for d in np.ravel(std)]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(
+            f"{path} gives no numeric image_mean and image_std; add them (e.g. [0.5, 0.5, 0.5])."
+        ) from None
+    if not mean or len(mean) != len(std) or min(std) <= 0:
+        raise ValueError(
+            f"{path}: image_mean {mean} and image_std {std} must be equally long, non-empty, "
+            "std positive."
+        )
+    if len(set(mean)) == 1 and len(set(std)) == 1:  # the same for every channel: one value
+        mean, std = mean[:1], std[:1]
+    return task_registry.Normalisation(tuple(mean), tuple(std))
 
 
 def family_name(model_type_name: str) -> str:
@@ -268,14 +367,15 @@ def family_name(model_type_name: str) -> str:
 
 
 def paper_task(task_name: str) -> str | None:
-    """The key of a fine-tune task in the paper's Table 1 (mnli, squad, cifar10, ...); None for
-    a task the paper does not fine-tune on (pang_lee, text_source: the default settings)."""
+    """The key of a fine-tune task in the paper's Table 1 (mnli, squad, cifar10, ...;
+    fashion_mnist_few takes Fashion-MNIST's); None for a task the paper does not fine-tune on
+    (pang_lee, text_source, digits: the default settings)."""
     from es_jax.train import finetune
 
     if task_name.startswith("glue/"):
         key = task_name.split("/", 1)[1]
     else:
-        key = task_name.split("/", 1)[0]
+        key = PAPER_TASK.get(task_name, task_name.split("/", 1)[0])
     return key if key in finetune.PAPER_SETTINGS else None
 
 
@@ -358,6 +458,30 @@ def check_multiple_choice(key: str, settings: ml_collections.ConfigDict) -> None
         raise ValueError(f"models.{key}.mc_shots must be >= 0, got {settings.mc_shots}.")
 
 
+def run_seeds(settings: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> tuple:
+    """The seeds a fine-tune entry fine-tunes every level with: its `seeds`, or config.seed."""
+    return tuple(settings.seeds) or (config.seed,)
+
+
+def check_seeds(key: str, settings: ml_collections.ConfigDict, protocol: str) -> None:
+    """Refuses seeds that are not distinct non-negative integers, and seeds on zero-shot tasks
+    (evaluated once: nothing in them is drawn from a seed but config.seed's k-NN bank)."""
+    seeds = list(settings.seeds)
+    if not seeds:
+        return
+    if protocol == "zero_shot":
+        raise ValueError(
+            f"models.{key}.seeds={seeds}: the tasks {list(settings.tasks)} are zero-shot and "
+            "evaluated once; set seeds=() on this entry (seeds apply to fine-tune tasks)."
+        )
+    if len(set(seeds)) != len(seeds) or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds
+    ):
+        raise ValueError(
+            f"models.{key}.seeds={seeds}: give distinct non-negative integers, e.g. (0, 1, 2)."
+        )
+
+
 # The corpus each text task evaluates on (calibration must not read it).
 TASK_TEXT = {"wikitext": "wikipedia", "wikitext_loss": "wikipedia", "wikitext_mlm": "wikipedia"}
 
@@ -390,7 +514,8 @@ def validate(config: ml_collections.ConfigDict) -> dict[str, str]:
             parse_pattern(pattern)
         for scorer in settings.scorers:
             check_scorer(key, settings, scorer)
-        for name in ("batch_size", "max_length", "word_max_length", "lm_length", "lm_blocks"):
+        for name in ("batch_size", "max_length", "word_max_length", "lm_length", "lm_blocks",
+                     "labels_per_class"):
             if settings[name] <= 0:
                 raise ValueError(f"models.{key}.{name} must be positive, got {settings[name]}.")
         check_examples(key, settings)
@@ -421,5 +546,7 @@ def validate(config: ml_collections.ConfigDict) -> dict[str, str]:
                 f"models.{key}: tasks {list(settings.tasks)} need different heads {sorted(heads)};"
                 " split them into two model entries."
             )
+        check_seeds(key, settings, protocols.pop())
+        image_normalisation(settings)
         families[key] = family
     return families

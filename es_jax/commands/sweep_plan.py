@@ -8,7 +8,9 @@ sparsity and the next grid level) depend on the values of the grid levels, so a 
 grid levels first and its refinement levels once every grid level is stored: the executor asks
 `missing_levels` again after evaluating a curve's levels. A stored run counts only while its
 fingerprint (what changes a value) matches the config. Resuming a killed sweep is running this
-plan again; nothing else decides what is left.
+plan again; nothing else decides what is left. A fine-tune entry's levels are each fine-tuned
+once per seed (`Load.seeds`); the seeds of an unfinished level that a crash left stored are the
+executor's to skip.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any, NamedTuple
 import ml_collections
 
 from es_jax.analysis import essential
-from es_jax.commands.sweep_config import Pattern, parse_pattern
+from es_jax.commands.sweep_config import Pattern, parse_pattern, run_seeds
 from es_jax.commands.sweep_results import finalise, fingerprint, level_of, run_id
 from es_jax.evaluate import tasks as task_registry
 
@@ -48,6 +50,7 @@ class Load(NamedTuple):
     dense: tuple[str, ...]  # tasks whose dense value must be evaluated
     curves: tuple[Curve, ...]  # curves with work left, in (scorer, pattern) config order
     plots: bool  # the model's first load: it draws the mask plots
+    seeds: tuple[int, ...] = ()  # fine-tune: each level is fine-tuned once a seed; () zero-shot
 
 
 def plan(config: ml_collections.ConfigDict, runs: Mapping[str, dict]) -> list[Load]:
@@ -65,7 +68,9 @@ def plan(config: ml_collections.ConfigDict, runs: Mapping[str, dict]) -> list[Lo
             if curves:
                 stored = {t: stored_dense(runs, key, settings, t, stamp) for t in tasks}
                 dense = tuple(t for t in tasks if stored[t] is None)
-                loads.append(Load(key, tasks, dense, curves, plots=index == 0))
+                finetune = task_registry.get(tasks[0]).protocol == "finetune"
+                seeds = run_seeds(settings, config) if finetune else ()
+                loads.append(Load(key, tasks, dense, curves, plots=index == 0, seeds=seeds))
     return loads
 
 
@@ -92,9 +97,11 @@ def stale_runs(config: ml_collections.ConfigDict, runs: Mapping[str, dict]) -> l
 
 
 def evaluations(loads: Sequence[Load]) -> int:
-    """How many evaluations the loads hold: dense values plus (level, task) pairs."""
+    """How many evaluations the loads hold: dense values plus (level, task) pairs, each once a
+    seed of a fine-tune load."""
     return sum(
-        len(load.dense) + sum(len(level.tasks) for curve in load.curves for level in curve.levels)
+        max(1, len(load.seeds))
+        * (len(load.dense) + sum(len(lv.tasks) for curve in load.curves for lv in curve.levels))
         for load in loads
     )
 
@@ -174,11 +181,12 @@ def refinement_of(record: dict | None, pattern: Pattern, config: Any) -> list[fl
 
 def stored_dense(
     runs: Mapping[str, dict], key: str, settings: Any, task: str, stamp: str
-) -> float | None:
-    """The dense value of (model, task) from any current stored run, if one holds it."""
+) -> dict | None:
+    """A current stored run of (model, task) that holds its dense value (and, fine-tuned over
+    seeds, the seeds' dense values), if one does."""
     for pattern in settings.patterns:
         for scorer in settings.scorers:
             record = current(runs, run_id(key, task, pattern, scorer), stamp)
             if record is not None and record["dense"] is not None:
-                return record["dense"]
+                return record
     return None

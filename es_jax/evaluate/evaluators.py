@@ -7,7 +7,9 @@ shape of the others, and the parameters keep their structure and dtypes. `compil
 the jit cache sizes, so tests and benchmarks can check that ten levels cost one compilation.
 
 Batches are dicts of numpy arrays with `input_ids`, `attention_mask` (optionally `token_type_ids`,
-`pixel_values`, `label`, ...) and `weights` (1 for real rows, 0 for padding rows).
+`pixel_values`, `label`, ...) and `weights` (1 for real rows, 0 for padding rows). The k-NN
+evaluator recomputes its bank's and test images' features from the parameters it is given, so a
+pruned level is judged on its own features.
 """
 
 from __future__ import annotations
@@ -337,3 +339,43 @@ def question_answering(
         return metrics.squad_scores(predictions, [answers[i] for i in ids])[metric]
 
     return Evaluator(task, metric, True, score, (forward,), len(answers))
+
+
+def cls_features(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
+    """The final [CLS] hidden state of an image backbone for NHWC `pixel_values`, (B, H)."""
+    return model(batch["pixel_values"])[:, 0]
+
+
+def knn_classification(
+    model: nnx.Module,
+    bank_batches: list[Batch],
+    test_batches: list[Batch],
+    *,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    task: str,
+) -> Evaluator:
+    """k-NN accuracy x 100 of an image backbone's [CLS] features (`es_jax.evaluate.knn`): each
+    test image takes the temperature-weighted vote of its k nearest bank images. Both feature
+    sets come from the parameters given at each call; batches carry `pixel_values` and `label`,
+    all of one shape (one compilation)."""
+    from es_jax.evaluate import knn
+
+    _require_examples(bank_batches, task)
+    count = _require_examples(test_batches, task)
+    forward = make_forward(model, cls_features)
+    bank_on_device = device_batches(bank_batches, ("pixel_values",))
+    test_on_device = device_batches(test_batches, ("pixel_values",))
+    bank_labels = np.concatenate([b["label"][b["weights"] > 0] for b in bank_batches])
+    test_labels = np.concatenate([b["label"][b["weights"] > 0] for b in test_batches])
+
+    def score(params: Any) -> float:
+        bank = embeddings(forward, params, bank_batches, bank_on_device)
+        test = embeddings(forward, params, test_batches, test_on_device)
+        return knn.knn_accuracy(
+            bank, bank_labels, test, test_labels, num_classes=num_classes, k=k,
+            temperature=temperature,
+        )
+
+    return Evaluator(task, "accuracy", True, score, (forward,), count)

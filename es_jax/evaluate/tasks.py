@@ -2,17 +2,21 @@
 
 A task turns (model, tokenizer, settings) into an `Evaluator` whose batches are tokenised once.
 Zero-shot tasks run on the pre-trained model as it is (embedding similarity on an encoder,
-perplexity and multiple-choice accuracy on a causal LM, MLM loss on a masked LM); fine-tune tasks
-(GLUE, SQuAD, CIFAR) need a fresh head and masked fine-tuning first, which the sweep does before
-calling the evaluator.
+perplexity and multiple-choice accuracy on a causal LM, MLM loss on a masked LM, k-NN accuracy of
+an image backbone's [CLS] features); fine-tune tasks (GLUE, SQuAD, CIFAR, Fashion-MNIST with a few
+labels per class, digits) need a fresh head and masked fine-tuning first, which the sweep does
+before calling the evaluator. Images are scaled to [0, 1], given the model's channel count and
+square size, and normalised per channel as the model expects (`Normalisation`: [-1, 1] unless
+the checkpoint's preprocessor says otherwise).
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from flax import nnx
@@ -25,7 +29,19 @@ CAUSAL_LM = "causal_lm"
 MASKED_LM = "mlm"
 CLASSIFIER = "classification"  # a text classifier
 IMAGE_CLASSIFIER = "image_classification"
+IMAGE_ENCODER = "image_encoder"  # an image backbone returning hidden states (B, 1 + patches, H)
 QUESTION_ANSWERING = "qa"
+
+
+class Normalisation(NamedTuple):
+    """Per-channel pixel normalisation, (x / 255 - mean) / std; one value applies to every
+    channel."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+UNIT_RANGE = Normalisation((0.5,), (0.5,))  # pixels in [-1, 1]: ViT-in21k and models trained here
 
 
 @dataclass(frozen=True)
@@ -45,6 +61,11 @@ class TaskSettings:
     mc_data: str = "facts"
     mc_shots: int = 0
     mc_style: str = "letter"
+    # k-NN over image features: the bank is the fine-tune twin's training images of `seed`.
+    max_train_examples: int = 0
+    labels_per_class: int = 100
+    image_size: int = 224  # images are resized to this square size (the model's)
+    normalisation: Normalisation = UNIT_RANGE
 
 
 @dataclass(frozen=True)
@@ -86,6 +107,22 @@ TASKS: dict[str, Task] = {
         Task("cifar10", "accuracy", True, IMAGE_CLASSIFIER, "finetune", "CIFAR-10 top-1 accuracy"),
         Task(
             "cifar100", "accuracy", True, IMAGE_CLASSIFIER, "finetune", "CIFAR-100 top-1 accuracy"
+        ),
+        Task(
+            "fashion_mnist_few", "accuracy", True, IMAGE_CLASSIFIER, "finetune",
+            "Fashion-MNIST, a seeded labels_per_class training images per class; test accuracy",
+        ),
+        Task(
+            "digits", "accuracy", True, IMAGE_CLASSIFIER, "finetune",
+            "8x8 handwritten digits, a seeded 20% held out",
+        ),
+        Task(
+            "fashion_knn", "accuracy", True, IMAGE_ENCODER, "zero_shot",
+            "k-NN accuracy of [CLS] features, fashion_mnist_few's images",
+        ),
+        Task(
+            "digits_knn", "accuracy", True, IMAGE_ENCODER, "zero_shot",
+            "k-NN accuracy of [CLS] features, digits' split",
         ),
     )
 }
@@ -262,6 +299,8 @@ ZERO_SHOT_BUILDERS: dict[str, Callable[[nnx.Module, Any, TaskSettings], evaluato
     "wikitext_loss": lambda m, t, s: build_wikitext("lm_loss", m, t, s),
     "wikitext_mlm": build_wikitext_mlm,
     "mmlu": build_mmlu,
+    "fashion_knn": lambda m, t, s: build_knn("fashion_knn", m, s),
+    "digits_knn": lambda m, t, s: build_knn("digits_knn", m, s),
 }
 
 
@@ -289,7 +328,9 @@ class FinetuneSettings:
     max_examples: int = 0  # keep the first N evaluation examples (0 = all)
     max_train_examples: int = 0  # keep the first N training examples (0 = all)
     doc_stride: int = 128  # SQuAD
-    image_size: int = 224  # vision: images are resized to this square size
+    image_size: int = 224  # vision: images are resized to this square size (the model's)
+    labels_per_class: int = 100  # fashion_mnist_few: training images per class
+    normalisation: Normalisation = UNIT_RANGE  # vision: what the model expects of pixels
 
 
 @dataclass(frozen=True)
@@ -300,7 +341,7 @@ class FinetuneData:
     evaluator: evaluators.Evaluator
 
 
-IMAGE_CLASSES = {"cifar10": 10, "cifar100": 100}
+IMAGE_CLASSES = {"cifar10": 10, "cifar100": 100, "fashion_mnist_few": 10, "digits": 10}
 SPLIT_TEXT_TASKS = ("pang_lee", "text_source")  # small real sets: a seeded held-out share
 HELD_OUT = 0.2
 SOURCE_WORDS = 40  # words of each document's opening in text_source
@@ -413,27 +454,74 @@ def _text(value: str | bytes) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def encode_images(rows: list[dict], batch_size: int, image_size: int) -> dict[str, np.ndarray]:
-    """NHWC float32 pixels scaled to [-1, 1] and resized, int32 `label`, padded with weights."""
+def pixels(
+    images: np.ndarray, image_size: int, channels: int, normalisation: Normalisation = UNIT_RANGE
+) -> np.ndarray:
+    """uint8 NHWC images as a model's float32 input: scaled to [0, 1], a single channel repeated
+    to `channels`, resized to image_size x image_size (bilinear), then (x - mean) / std per
+    channel."""
     import jax
 
-    images = np.stack([np.asarray(r["image"]) for r in rows]).astype(np.float32)
-    images = images / 127.5 - 1.0
-    if images.shape[1:3] != (image_size, image_size):
-        shape = (len(rows), image_size, image_size, images.shape[-1])
-        images = np.asarray(jax.image.resize(images, shape, method="bilinear"))
-    pixels = np.zeros((batch_size, image_size, image_size, images.shape[-1]), np.float32)
-    pixels[: len(rows)] = images
+    x = np.asarray(images, np.float32) / 255.0
+    if x.ndim != 4:
+        raise ValueError(f"images must be NHWC, got shape {x.shape}.")
+    if x.shape[-1] != channels:
+        if x.shape[-1] != 1:
+            raise ValueError(
+                f"images have {x.shape[-1]} channels but the model takes {channels}; only "
+                "single-channel images are widened (repeated) to fit a model."
+            )
+        x = np.repeat(x, channels, axis=-1)
+    if x.shape[1:3] != (image_size, image_size):
+        shape = (len(x), image_size, image_size, channels)
+        x = np.asarray(jax.image.resize(x, shape, method="bilinear"))
+    mean = np.broadcast_to(np.asarray(normalisation.mean, np.float32), (channels,))
+    std = np.broadcast_to(np.asarray(normalisation.std, np.float32), (channels,))
+    return (x - mean) / std
+
+
+def encode_images(
+    rows: list[dict],
+    batch_size: int,
+    image_size: int,
+    channels: int = 3,
+    normalisation: Normalisation = UNIT_RANGE,
+) -> dict[str, np.ndarray]:
+    """One padded batch: `pixels` of the rows' images, int32 `label`, and `weights`."""
+    images = pixels(np.stack([np.asarray(r["image"]) for r in rows]), image_size, channels,
+                    normalisation)
+    batch = np.zeros((batch_size, *images.shape[1:]), np.float32)
+    batch[: len(rows)] = images
     labels = np.zeros(batch_size, np.int32)
     labels[: len(rows)] = [int(r["label"]) for r in rows]
     weights = (np.arange(batch_size) < len(rows)).astype(np.float32)
-    return {"pixel_values": pixels, "label": labels, "weights": weights}
+    return {"pixel_values": batch, "label": labels, "weights": weights}
+
+
+class ImageInput(NamedTuple):
+    """What a vision model takes: its square image size, channels and pixel normalisation."""
+
+    size: int
+    channels: int
+    normalisation: Normalisation
+
+
+def image_input(model: nnx.Module, image_size: int, normalisation: Normalisation) -> ImageInput:
+    """The model's image input; ValueError when the model entry's `image_size` is not the size
+    the model was built for."""
+    config = model.config
+    if config.image_size != image_size:
+        raise ValueError(
+            f"image_size={image_size}, but the model takes {config.image_size}x"
+            f"{config.image_size} images; set the model entry's image_size to {config.image_size}."
+        )
+    return ImageInput(config.image_size, config.num_channels, normalisation)
 
 
 def image_batches(
     records: list[dict],
     batch_size: int,
-    image_size: int,
+    image: ImageInput,
     *,
     train: bool,
     seed: int = 0,
@@ -448,7 +536,31 @@ def image_batches(
     if train:
         dataset = dataset.shuffle(seed=seed).repeat(num_epochs)
     dataset = dataset.batch(batch_size, drop_remainder=train, batch_fn=list)
-    return dataset.map(lambda rows: encode_images(rows, batch_size, image_size))
+    return dataset.map(
+        lambda rows: encode_images(rows, batch_size, image.size, image.channels,
+                                   image.normalisation)
+    )
+
+
+def image_classification_data(
+    name: str,
+    model: nnx.Module,
+    s: FinetuneSettings,
+    train_records: list[dict],
+    eval_records: list[dict],
+) -> FinetuneData:
+    """Shuffled training batches of `train_records` and accuracy on `eval_records`."""
+    image = image_input(model, s.image_size, s.normalisation)
+    train = image_batches(
+        train_records,
+        s.train_batch_size,
+        image,
+        train=True,
+        seed=s.seed,
+        num_epochs=s.num_epochs,
+    )
+    batches = _eval_batches(image_batches(eval_records, s.batch_size, image, train=False))
+    return FinetuneData(train, evaluators.classification(model, batches, task=name))
 
 
 def build_cifar(name: str, model: nnx.Module, tokenizer: Any, s: FinetuneSettings) -> FinetuneData:
@@ -459,16 +571,109 @@ def build_cifar(name: str, model: nnx.Module, tokenizer: Any, s: FinetuneSetting
     limit = 45_000 if s.max_train_examples <= 0 else min(s.max_train_examples, 45_000)
     train_records = _first(data.source(name, "train", data_dir), limit)
     eval_records = _first(data.source(name, "test", data_dir), s.max_examples)
-    train = image_batches(
-        train_records,
-        s.train_batch_size,
-        s.image_size,
-        train=True,
-        seed=s.seed,
-        num_epochs=s.num_epochs,
+    return image_classification_data(name, model, s, train_records, eval_records)
+
+
+# The image set of each task that reads es_jax.data.images, and a k-NN task's fine-tune twin.
+IMAGE_SETS = {"fashion_mnist_few": "fashion_mnist", "digits": "digits"}
+KNN_TWIN = {"fashion_knn": "fashion_mnist_few", "digits_knn": "digits"}
+KNN_NEIGHBOURS = 20
+KNN_TEMPERATURE = 0.07
+
+
+class ImageSplit(NamedTuple):
+    """A task's images as records ({"image": uint8 (H, W, C), "label": int}): train and
+    evaluation."""
+
+    train: list[dict]
+    evaluation: list[dict]
+
+
+def image_split(name: str, s: TaskSettings | FinetuneSettings) -> ImageSplit:
+    """The images of "fashion_mnist_few" or "digits" for seed `s.seed`.
+
+    fashion_mnist_few: `few_per_class` (s.labels_per_class a class) of Fashion-MNIST train, the
+    first s.max_train_examples of them; the first s.max_examples test images (0 = all 10,000).
+    digits: the seed's `held_out_split` of the 1,797 images, the first s.max_train_examples of
+    its training share and the first s.max_examples of its held-out 20%.
+    """
+    data_dir = s.data_dir or None
+    if name == "fashion_mnist_few":
+        train = image_arrays("fashion_mnist", "train", data_dir)
+        test = image_arrays("fashion_mnist", "test", data_dir)
+        chosen = few_per_class(train.labels, s.labels_per_class, s.seed)
+        held = np.arange(len(test.labels))
+    else:
+        train = test = image_arrays(IMAGE_SETS[name], "train", data_dir)
+        chosen, held = held_out_split(len(train.labels), s.seed)
+    return ImageSplit(
+        _records(train, _limited(list(chosen), s.max_train_examples)),
+        _records(test, _limited(list(held), s.max_examples)),
     )
-    batches = _eval_batches(image_batches(eval_records, s.batch_size, s.image_size, train=False))
-    return FinetuneData(train, evaluators.classification(model, batches, task=name))
+
+
+@functools.cache
+def image_arrays(name: str, split: str, data_dir: str | None) -> Any:
+    """`es_jax.data.images.image_arrays`, read once a process (every seed and k-NN task of a
+    sweep reads the same images); the arrays are made read-only."""
+    from es_jax.data import images
+
+    image_set = images.image_arrays(name, split, data_dir)
+    for array in image_set:
+        array.flags.writeable = False
+    return image_set
+
+
+def _records(image_set: Any, indices: list[int]) -> list[dict]:
+    """The images and labels at `indices` as records."""
+    return [{"image": image_set.images[i], "label": int(image_set.labels[i])} for i in indices]
+
+
+def few_per_class(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Ascending indices of a seeded random `per_class` examples of every class in `labels`;
+    ValueError naming a class that has fewer."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    chosen = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        if len(members) < per_class:
+            raise ValueError(
+                f"labels_per_class={per_class}, but class {label} has only {len(members)} "
+                "examples; lower labels_per_class."
+            )
+        chosen.append(rng.choice(members, per_class, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def build_image_split(
+    name: str, model: nnx.Module, tokenizer: Any, s: FinetuneSettings
+) -> FinetuneData:
+    """fashion_mnist_few or digits: the seed's training images, accuracy on its evaluation set."""
+    split = image_split(name, s)
+    return image_classification_data(name, model, s, split.train, split.evaluation)
+
+
+def build_knn(name: str, model: nnx.Module, s: TaskSettings) -> evaluators.Evaluator:
+    """k-NN accuracy (k = 20, or the bank's size when smaller; temperature 0.07) of an image
+    backbone's final [CLS] hidden states: the bank is the training images its fine-tune twin
+    uses for `s.seed`, the test its evaluation images."""
+    twin = KNN_TWIN[name]
+    split = image_split(twin, s)
+    image = image_input(model, s.image_size, s.normalisation)
+
+    def batches(records: list[dict]) -> list[dict[str, np.ndarray]]:
+        return _eval_batches(image_batches(records, s.batch_size, image, train=False))
+
+    return evaluators.knn_classification(
+        model,
+        batches(split.train),
+        batches(split.evaluation),
+        num_classes=IMAGE_CLASSES[twin],
+        k=min(KNN_NEIGHBOURS, len(split.train)),
+        temperature=KNN_TEMPERATURE,
+        task=name,
+    )
 
 
 def build_finetune(
@@ -484,6 +689,8 @@ def build_finetune(
         return build_squad(name, model, tokenizer, settings)
     if name in SPLIT_TEXT_TASKS:
         return build_split_text(name, model, tokenizer, settings)
+    if name in IMAGE_SETS:
+        return build_image_split(name, model, tokenizer, settings)
     return build_cifar(name, model, tokenizer, settings)
 
 

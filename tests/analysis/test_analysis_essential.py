@@ -96,3 +96,51 @@ def test_essential_levels_are_all_within_tolerance(later_drops, tolerance):
     above = [d for s, d in zip(sparsities, drops, strict=True) if s > found]
     if above:
         assert above[0] > tolerance
+
+
+def test_seed_spread_is_the_mean_and_sample_std():
+    spread = essential.seed_spread([70.0, 72.0, 77.0])
+    assert spread.mean == pytest.approx(73.0)
+    assert spread.std == pytest.approx(math.sqrt((9 + 1 + 16) / 2))  # ddof 1
+    assert essential.seed_spread([70.0]) == (70.0, 0.0)
+    with pytest.raises(ValueError, match="non-empty"):
+        essential.seed_spread([])
+
+
+def test_a_drop_counts_only_beyond_epsilon_and_the_seed_spread():
+    noise = essential.seed_noise(3.0, 4.0)
+    assert noise == 5.0
+    assert not essential.beyond_noise(4.9, 1.0, noise)
+    assert essential.beyond_noise(5.1, 1.0, noise)
+    assert not essential.beyond_noise(0.9, 1.0, 0.0)
+    assert essential.beyond_noise(math.nan, 1.0, noise)
+
+
+def test_noise_aware_essential_sparsity_lets_drops_within_the_spread_pass():
+    drops = [0.0, 0.5, 2.0, 3.0, 9.0]
+    noises = [1.0, 1.0, 2.5, 2.0, 2.0]
+    grid = [0.0, 0.1, 0.2, 0.3, 0.4]
+    assert essential.essential_sparsity(grid, drops, 1.0) == 0.1
+    assert essential.noise_aware_essential_sparsity(grid, drops, 1.0, noises) == 0.2
+    shuffled = [4, 2, 0, 3, 1]  # levels given in any order keep their own noise
+    assert essential.noise_aware_essential_sparsity(
+        [grid[i] for i in shuffled], [drops[i] for i in shuffled], 1.0,
+        [noises[i] for i in shuffled]) == 0.2
+    with pytest.raises(ValueError, match="one value per level"):
+        essential.noise_aware_essential_sparsity(grid, drops, 1.0, noises[:2])
+
+
+@given(st.lists(st.tuples(st.floats(-5, 5, allow_nan=False), st.floats(0, 4)), min_size=0,
+                max_size=12), st.floats(0, 3), st.floats(0, 4))
+def test_noise_aware_is_never_below_the_papers_and_equal_without_noise(later, tolerance, noise):
+    levels = [(0.0, noise), *later]  # the first level is dense
+    sparsities = [i / 20 for i in range(len(levels))]
+    drops = [d for d, _ in levels]
+    noises = [n for _, n in levels]
+    paper = essential.essential_sparsity(sparsities, drops, tolerance)
+    aware = essential.noise_aware_essential_sparsity(sparsities, drops, tolerance, noises)
+    assert aware >= paper
+    assert essential.noise_aware_essential_sparsity(
+        sparsities, drops, tolerance, [0.0] * len(drops)) == paper
+    assert all(not essential.beyond_noise(d, tolerance, n)
+               for s, d, n in zip(sparsities, drops, noises, strict=True) if s <= aware)
