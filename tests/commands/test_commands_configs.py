@@ -18,6 +18,7 @@ EXPERIMENTS = (
     "vit_dino_cifar.py",
     "vicuna_perplexity.py",
     "llm_methods.py",
+    "ssl_vs_sl_sweep.py",
     "default.py",
 )
 PRETRAINING = ("pretrain_cpu.py", "pretrain_smoke.py", "bert_base_pretrain.py")
@@ -112,4 +113,16 @@ def test_tiny_variant_runs_end_to_end(name, tmp_path):
         assert sparsities == [0.0, 0.5] or run["pattern"] != "global"
         assert run["essential_sparsity"] in sparsities
     assert set(results["compilations"].values()) == {1}
+    assert (tmp_path / "run" / "drops.png").is_file()
+
+
+def test_ssl_vs_sl_sweep_tiny_variant_runs_on_the_real_images(tmp_path):
+    # Fashion-MNIST and digits are local sets (no download), read whole: no tfds mock data.
+    config = load("ssl_vs_sl_sweep.py", "tiny")
+    config.data_dir = str(tmp_path / "data")
+    results = sweep.run(config, tmp_path / "run", progress=False)
+    tasks = {(run["model"], run["task"]) for run in results["runs"]}
+    assert tasks == {("dino_finetune", "fashion_mnist_few"), ("dino_knn", "fashion_knn")}
+    finetuned = next(run for run in results["runs"] if run["task"] == "fashion_mnist_few")
+    assert [level["seeds"] for level in finetuned["levels"]] == [[0, 1], [0, 1]]
     assert (tmp_path / "run" / "drops.png").is_file()
