@@ -486,6 +486,23 @@ def check_seeds(key: str, settings: ml_collections.ConfigDict, protocol: str) ->
 TASK_TEXT = {"wikitext": "wikipedia", "wikitext_loss": "wikipedia", "wikitext_mlm": "wikipedia"}
 
 
+def check_held_out(key: str, settings: ml_collections.ConfigDict) -> None:
+    """Refuses Wikipedia text a pre-training checkpoint may have trained on: the wikitext tasks
+    of a `checkpoint:` entry must read within the held-out articles (at most 8 characters a
+    token: lm_length * lm_blocks <= HELD_OUT_CHARACTERS / 8 tokens)."""
+    from es_jax.data import corpora
+
+    if not str(settings.name).startswith(CHECKPOINT_PREFIX):
+        return
+    limit = corpora.HELD_OUT_CHARACTERS // 8
+    reading = settings.lm_length * settings.lm_blocks
+    if any(task in TASK_TEXT for task in settings.tasks) and reading > limit:
+        raise ValueError(
+            f"models.{key}: lm_length * lm_blocks = {reading} tokens may read past the "
+            f"Wikipedia articles no pre-training run trains on ({limit} tokens); lower lm_blocks."
+        )
+
+
 def validate(config: ml_collections.ConfigDict) -> dict[str, str]:
     """Checks the whole config; returns {model key: family}. ValueError before any work."""
     unknown = sorted(set(config.keys()) - TOP_LEVEL_KEYS)
@@ -520,6 +537,7 @@ def validate(config: ml_collections.ConfigDict) -> dict[str, str]:
                 raise ValueError(f"models.{key}.{name} must be positive, got {settings[name]}.")
         check_examples(key, settings)
         check_multiple_choice(key, settings)
+        check_held_out(key, settings)
         family = family_name(model_type(settings))
         for task_name in settings.tasks:
             try:

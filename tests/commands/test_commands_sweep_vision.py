@@ -218,3 +218,18 @@ def test_the_tiny_variant_of_a_fashion_config_runs_end_to_end(tmp_path):
     assert runs["fashion_mnist_few"]["num_examples"] == 8
     assert runs["fashion_knn"]["num_examples"] == 8
     assert [lv["sparsity"] for lv in runs["fashion_knn"]["levels"]] == [0.0, 0.5]
+
+
+def test_checkpoint_entries_may_not_read_wikipedia_past_the_held_out_articles():
+    from es_jax.data import corpora
+
+    config = sweep_config.default_config()
+    config.models = ml_collections.ConfigDict()
+    config.models.mlm = sweep_config.model_settings(
+        name="checkpoint:runs/nowhere", tasks=("wikitext_mlm",), lm_length=128,
+        lm_blocks=corpora.HELD_OUT_CHARACTERS // 8 // 128 + 1,
+    )
+    with pytest.raises(ValueError, match=r"models\.mlm: lm_length \* lm_blocks = .*lm_blocks"):
+        sweep_config.check_held_out("mlm", config.models.mlm)
+    config.models.mlm.lm_blocks = corpora.HELD_OUT_CHARACTERS // 8 // 128
+    sweep_config.check_held_out("mlm", config.models.mlm)
