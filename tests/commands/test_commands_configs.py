@@ -19,6 +19,7 @@ EXPERIMENTS = (
     "vicuna_perplexity.py",
     "llm_methods.py",
     "ssl_vs_sl_sweep.py",
+    "mlm_checkpoints_sweep.py",
     "default.py",
 )
 PRETRAINING = ("pretrain_cpu.py", "pretrain_smoke.py", "bert_base_pretrain.py")
@@ -99,6 +100,7 @@ def test_unknown_variant_is_refused(name, tmp_path):
         "vit_dino_cifar.py",
         "vicuna_perplexity.py",
         "llm_methods.py",
+        "mlm_checkpoints_sweep.py",
     ],
 )
 def test_tiny_variant_runs_end_to_end(name, tmp_path):
