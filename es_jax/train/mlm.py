@@ -138,24 +138,15 @@ def train_step(
     inputs, labels, weights = mask_tokens(
         mask_key, batch["input_ids"], batch["maskable"], mask_token_id, vocab_size, mask_rate
     )
-    model = nnx.merge(graphdef, state["params"], rest)
-    nnx.reseed(model, dropout=dropout_key)
-    model.train()
+    model = objectives.training_model(graphdef, state["params"], rest, dropout_key)
 
     def loss_fn(model: nnx.Module) -> tuple[jax.Array, dict]:
         logits = model(inputs, attention_mask=batch["attention_mask"])
         return mlm_loss(logits, labels, weights)
 
     (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-    grads = grads.to_pure_dict()
-    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    new_state = {
-        **state,
-        "params": optax.apply_updates(state["params"], updates),
-        "opt_state": opt_state,
-        "step": state["step"] + 1,
-    }
-    return new_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
+    new_state, grad_norm = objectives.optimizer_step(state, grads, optimizer)
+    return new_state, {**metrics, "grad_norm": grad_norm}
 
 
 def objective(

@@ -93,3 +93,32 @@ def step_keys(state: dict[str, Any], count: int) -> jax.Array:
     """`count` keys for this step, from the run's key and the step number (resume-exact)."""
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     return jax.random.split(step_key, count)
+
+
+def training_model(
+    graphdef: nnx.GraphDef, params: Any, rest: nnx.State, dropout_key: jax.Array
+) -> nnx.Module:
+    """The model of `params` in training mode, its dropout drawing from `dropout_key`."""
+    model = nnx.merge(graphdef, params, rest)
+    nnx.reseed(model, dropout=dropout_key)
+    model.train()
+    return model
+
+
+def optimizer_step(
+    state: dict[str, Any],
+    grads: nnx.State,
+    optimizer: optax.GradientTransformation,
+    trained: str = "params",
+) -> tuple[dict[str, Any], jax.Array]:
+    """The state after one optimizer step of `state[trained]` on `grads` (step + 1, the other
+    entries as they were), and the gradients' global norm."""
+    grads = grads.to_pure_dict()
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state[trained])
+    new_state = {
+        **state,
+        trained: optax.apply_updates(state[trained], updates),
+        "opt_state": opt_state,
+        "step": state["step"] + 1,
+    }
+    return new_state, optax.tree.norm(grads)

@@ -90,9 +90,7 @@ def supervised_step(
     """One AdamW step on the mean cross-entropy of a batch of labelled views; the dropout key
     comes from (rng, step)."""
     (dropout_key,) = objectives.step_keys(state, 1)
-    model = nnx.merge(graphdef, state["params"], rest)
-    nnx.reseed(model, dropout=dropout_key)
-    model.train()
+    model = objectives.training_model(graphdef, state["params"], rest, dropout_key)
 
     def loss_fn(model: nnx.Module) -> tuple[jax.Array, dict]:
         logits = model(batch["pixel_values"]).astype(jnp.float32)
@@ -101,15 +99,8 @@ def supervised_step(
         return loss, {"loss": loss, "accuracy": accuracy}
 
     (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-    grads = grads.to_pure_dict()
-    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    new_state = {
-        **state,
-        "params": optax.apply_updates(state["params"], updates),
-        "opt_state": opt_state,
-        "step": state["step"] + 1,
-    }
-    return new_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
+    new_state, grad_norm = objectives.optimizer_step(state, grads, optimizer)
+    return new_state, {**metrics, "grad_norm": grad_norm}
 
 
 # ----------------------------------------------------------------------------- DINO
@@ -165,9 +156,7 @@ def dino_step(
         state["step"], schedule.teacher_temp_warmup_steps, schedule.warmup_teacher_temp,
         schedule.teacher_temp,
     )
-    student = nnx.merge(graphdef, state["student"], rest)
-    nnx.reseed(student, dropout=dropout_key)
-    student.train()
+    student = objectives.training_model(graphdef, state["student"], rest, dropout_key)
 
     def loss_fn(student: nnx.Module) -> jax.Array:
         outputs = jnp.concatenate([student(global_views), student(local_views)]).astype(
@@ -179,23 +168,18 @@ def dino_step(
         )
 
     loss, grads = nnx.value_and_grad(loss_fn)(student)
-    grads = grads.to_pure_dict()
-    updates, opt_state = optimizer.update(grads, state["opt_state"], state["student"])
-    new_student = optax.apply_updates(state["student"], updates)
+    stepped, grad_norm = objectives.optimizer_step(state, grads, optimizer, trained="student")
     momentum = dino.teacher_momentum(
         state["step"], schedule.total_steps, schedule.momentum_teacher
     )
     new_state = {
-        **state,
-        "params": dino.ema_update(state["params"], new_student, momentum),
-        "student": new_student,
+        **stepped,
+        "params": dino.ema_update(state["params"], stepped["student"], momentum),
         "center": dino.update_center(state["center"], teacher_out, schedule.center_momentum),
-        "opt_state": opt_state,
-        "step": state["step"] + 1,
     }
     metrics = {"loss": loss, "teacher_momentum": momentum, "teacher_temp": teacher_temp,
                "teacher_entropy": _mean_entropy(teacher_out, state["center"], teacher_temp)}
-    return new_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
+    return new_state, {**metrics, "grad_norm": grad_norm}
 
 
 def _mean_entropy(teacher_out: jax.Array, center: jax.Array, temperature: jax.Array) -> jax.Array:
