@@ -26,6 +26,17 @@ SOLARIZE_THRESHOLD = 128  # PIL's ImageOps.solarize default, as DINO uses it
 _CROP_TRIES = 10
 
 
+class Normalisation(NamedTuple):
+    """Per-channel pixel normalisation, (x / 255 - mean) / std; one value applies to every
+    channel."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+UNIT_RANGE = Normalisation((0.5,), (0.5,))  # pixels in [-1, 1]: ViT-in21k and models trained here
+
+
 class ImageSet(NamedTuple):
     """Images uint8 (N, H, W, C) and their labels int32 (N,)."""
 
@@ -275,27 +286,53 @@ def evaluation_batches(images: ImageSet, batch_size: int, image_size: int) -> li
 
 
 def padded_image_batch(
-    images: np.ndarray, labels: Sequence[int], batch_size: int, image_size: int
+    images: np.ndarray,
+    labels: Sequence[int],
+    batch_size: int,
+    image_size: int,
+    channels: int | None = None,
+    normalisation: Normalisation = UNIT_RANGE,
 ) -> dict[str, np.ndarray]:
     """A batch of uint8 images (n, H, W, C) padded to `batch_size` rows.
 
-    "pixel_values" (batch_size, image_size, image_size, C) float32: `to_unit_range`, then resized
-    with `jax.image.resize` (bilinear, antialiased when shrinking) unless already that size;
-    "label" int32; "weights" float32, 1 for an image and 0 for a padding row (all zeros).
+    "pixel_values" (batch_size, image_size, image_size, channels) float32: `pixels` of the images
+    (channels: the images' own by default; [-1, 1] by default); "label" int32; "weights" float32,
+    1 for an image and 0 for a padding row (all zeros).
     """
     rows = len(images)
     if rows > batch_size:
         raise ValueError(f"{rows} images do not fit a batch of {batch_size}")
-    pixels = to_unit_range(images)
-    if pixels.shape[1:3] != (image_size, image_size):
-        shape = (rows, image_size, image_size, pixels.shape[-1])
-        pixels = np.asarray(jax.image.resize(pixels, shape, method="bilinear"))
-    batch = np.zeros((batch_size, *pixels.shape[1:]), np.float32)
-    batch[:rows] = pixels
+    values = pixels(images, image_size, channels or images.shape[-1], normalisation)
+    batch = np.zeros((batch_size, *values.shape[1:]), np.float32)
+    batch[:rows] = values
     label = np.zeros(batch_size, np.int32)
     label[:rows] = labels
     weights = (np.arange(batch_size) < rows).astype(np.float32)
     return {"pixel_values": batch, "label": label, "weights": weights}
+
+
+def pixels(
+    images: np.ndarray, image_size: int, channels: int, normalisation: Normalisation = UNIT_RANGE
+) -> np.ndarray:
+    """uint8 NHWC images as a model's float32 input: scaled to [0, 1], a single channel repeated
+    to `channels`, resized to image_size x image_size (bilinear), then (x - mean) / std per
+    channel."""
+    x = np.asarray(images, np.float32) / 255.0
+    if x.ndim != 4:
+        raise ValueError(f"images must be NHWC, got shape {x.shape}.")
+    if x.shape[-1] != channels:
+        if x.shape[-1] != 1:
+            raise ValueError(
+                f"images have {x.shape[-1]} channels but the model takes {channels}; only "
+                "single-channel images are widened (repeated) to fit a model."
+            )
+        x = np.repeat(x, channels, axis=-1)
+    if x.shape[1:3] != (image_size, image_size):
+        shape = (len(x), image_size, image_size, channels)
+        x = np.asarray(jax.image.resize(x, shape, method="bilinear"))
+    mean = np.broadcast_to(np.asarray(normalisation.mean, np.float32), (channels,))
+    std = np.broadcast_to(np.asarray(normalisation.std, np.float32), (channels,))
+    return (x - mean) / std
 
 
 def _check_image(image: np.ndarray) -> None:

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from flax import nnx
 
+from es_jax.data.images import UNIT_RANGE, Normalisation
 from es_jax.evaluate import evaluators
 
 # The kinds of model a task needs; the sweep checks them against the model before any work.
@@ -31,17 +32,6 @@ CLASSIFIER = "classification"  # a text classifier
 IMAGE_CLASSIFIER = "image_classification"
 IMAGE_ENCODER = "image_encoder"  # an image backbone returning hidden states (B, 1 + patches, H)
 QUESTION_ANSWERING = "qa"
-
-
-class Normalisation(NamedTuple):
-    """Per-channel pixel normalisation, (x / 255 - mean) / std; one value applies to every
-    channel."""
-
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-UNIT_RANGE = Normalisation((0.5,), (0.5,))  # pixels in [-1, 1]: ViT-in21k and models trained here
 
 
 @dataclass(frozen=True)
@@ -454,32 +444,6 @@ def _text(value: str | bytes) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def pixels(
-    images: np.ndarray, image_size: int, channels: int, normalisation: Normalisation = UNIT_RANGE
-) -> np.ndarray:
-    """uint8 NHWC images as a model's float32 input: scaled to [0, 1], a single channel repeated
-    to `channels`, resized to image_size x image_size (bilinear), then (x - mean) / std per
-    channel."""
-    import jax
-
-    x = np.asarray(images, np.float32) / 255.0
-    if x.ndim != 4:
-        raise ValueError(f"images must be NHWC, got shape {x.shape}.")
-    if x.shape[-1] != channels:
-        if x.shape[-1] != 1:
-            raise ValueError(
-                f"images have {x.shape[-1]} channels but the model takes {channels}; only "
-                "single-channel images are widened (repeated) to fit a model."
-            )
-        x = np.repeat(x, channels, axis=-1)
-    if x.shape[1:3] != (image_size, image_size):
-        shape = (len(x), image_size, image_size, channels)
-        x = np.asarray(jax.image.resize(x, shape, method="bilinear"))
-    mean = np.broadcast_to(np.asarray(normalisation.mean, np.float32), (channels,))
-    std = np.broadcast_to(np.asarray(normalisation.std, np.float32), (channels,))
-    return (x - mean) / std
-
-
 def encode_images(
     rows: list[dict],
     batch_size: int,
@@ -487,15 +451,13 @@ def encode_images(
     channels: int = 3,
     normalisation: Normalisation = UNIT_RANGE,
 ) -> dict[str, np.ndarray]:
-    """One padded batch: `pixels` of the rows' images, int32 `label`, and `weights`."""
-    images = pixels(np.stack([np.asarray(r["image"]) for r in rows]), image_size, channels,
-                    normalisation)
-    batch = np.zeros((batch_size, *images.shape[1:]), np.float32)
-    batch[: len(rows)] = images
-    labels = np.zeros(batch_size, np.int32)
-    labels[: len(rows)] = [int(r["label"]) for r in rows]
-    weights = (np.arange(batch_size) < len(rows)).astype(np.float32)
-    return {"pixel_values": batch, "label": labels, "weights": weights}
+    """One padded batch of records ({"image", "label"}): `images.padded_image_batch`."""
+    from es_jax.data import images
+
+    return images.padded_image_batch(
+        np.stack([np.asarray(r["image"]) for r in rows]), [int(r["label"]) for r in rows],
+        batch_size, image_size, channels, normalisation,
+    )
 
 
 class ImageInput(NamedTuple):

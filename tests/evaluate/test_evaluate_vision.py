@@ -22,14 +22,14 @@ def tiny_vit(task=None, image_size=32, num_channels=3, seed=0):
 
 def test_unit_range_pixels_are_x_over_127_5_minus_1():
     gray = np.arange(0, 256, 17, dtype=np.uint8).reshape(1, 4, 4, 1)
-    out = tasks.pixels(gray, 4, 1)
+    out = images.pixels(gray, 4, 1)
     np.testing.assert_allclose(out, images.to_unit_range(gray), atol=1e-6)
     assert out.dtype == np.float32
 
 
 def test_gray_images_are_widened_and_normalised_per_channel():
     gray = np.array([[0, 255], [51, 102]], np.uint8).reshape(1, 2, 2, 1)
-    out = tasks.pixels(gray, 2, 3, IMAGENET)
+    out = images.pixels(gray, 2, 3, IMAGENET)
     assert out.shape == (1, 2, 2, 3)
     for c, (mean, std) in enumerate(zip(IMAGENET.mean, IMAGENET.std, strict=True)):
         expected = (gray[0, :, :, 0] / 255.0 - mean) / std
@@ -38,14 +38,14 @@ def test_gray_images_are_widened_and_normalised_per_channel():
 
 def test_resizing_keeps_a_constant_image_constant():
     flat = np.full((2, 8, 8, 1), 153, np.uint8)
-    out = tasks.pixels(flat, 32, 1, tasks.Normalisation((0.2,), (0.4,)))
+    out = images.pixels(flat, 32, 1, tasks.Normalisation((0.2,), (0.4,)))
     assert out.shape == (2, 32, 32, 1)
     np.testing.assert_allclose(out, (153 / 255 - 0.2) / 0.4, rtol=1e-5)
 
 
 def test_colour_images_are_not_squeezed_into_fewer_channels():
     with pytest.raises(ValueError, match="3 channels but the model takes 1"):
-        tasks.pixels(np.zeros((1, 4, 4, 3), np.uint8), 4, 1)
+        images.pixels(np.zeros((1, 4, 4, 3), np.uint8), 4, 1)
 
 
 def test_an_image_size_other_than_the_models_is_refused():
@@ -98,7 +98,7 @@ def test_digits_finetune_data_are_the_models_pixels_of_the_split():
     batch = data.train[0]
     assert batch["pixel_values"].shape == (8, 32, 32, 3)
     split = tasks.image_split("digits", settings)
-    expected = tasks.pixels(np.stack([r["image"] for r in split.train]), 32, 3, IMAGENET)
+    expected = images.pixels(np.stack([r["image"] for r in split.train]), 32, 3, IMAGENET)
     labels = np.array([r["label"] for r in split.train])
     for row, label in zip(batch["pixel_values"], batch["label"], strict=True):
         same = np.flatnonzero(np.abs(expected - row).max(axis=(1, 2, 3)) < 1e-5)
@@ -164,8 +164,8 @@ def test_digits_knn_banks_the_finetune_twins_training_images():
     assert evaluator.num_examples == 25
     split = tasks.image_split("digits", settings)
     image = tasks.ImageInput(16, 3, tasks.UNIT_RANGE)
-    bank = np.asarray(model(tasks.pixels(np.stack([r["image"] for r in split.train]), *image)))
-    test = np.asarray(model(tasks.pixels(np.stack([r["image"] for r in split.evaluation]),
+    bank = np.asarray(model(images.pixels(np.stack([r["image"] for r in split.train]), *image)))
+    test = np.asarray(model(images.pixels(np.stack([r["image"] for r in split.evaluation]),
                                          *image)))
     bank_labels = np.array([r["label"] for r in split.train])
     test_labels = np.array([r["label"] for r in split.evaluation])
