@@ -20,6 +20,7 @@ EXPERIMENTS = (
     "llm_methods.py",
     "ssl_vs_sl_sweep.py",
     "mlm_checkpoints_sweep.py",
+    "vision_checkpoints_sweep.py",
     "default.py",
 )
 PRETRAINING = ("pretrain_cpu.py", "pretrain_smoke.py", "bert_base_pretrain.py")
