@@ -119,13 +119,21 @@ def test_tiny_variant_runs_end_to_end(name, tmp_path):
     assert (tmp_path / "run" / "drops.png").is_file()
 
 
-def test_ssl_vs_sl_sweep_tiny_variant_runs_on_the_real_images(tmp_path):
+@pytest.mark.parametrize(
+    ("name", "tasks", "seeds"),
+    [
+        ("ssl_vs_sl_sweep.py",
+         {("dino_finetune", "fashion_mnist_few"), ("dino_knn", "fashion_knn")}, [0, 1]),
+        ("vision_checkpoints_sweep.py", {("dino_step_100", "fashion_knn")}, None),
+    ],
+)
+def test_vision_sweep_tiny_variants_run_on_the_real_images(name, tasks, seeds, tmp_path):
     # Fashion-MNIST and digits are local sets (no download), read whole: no tfds mock data.
-    config = load("ssl_vs_sl_sweep.py", "tiny")
+    config = load(name, "tiny")
     config.data_dir = str(tmp_path / "data")
     results = sweep.run(config, tmp_path / "run", progress=False)
-    tasks = {(run["model"], run["task"]) for run in results["runs"]}
-    assert tasks == {("dino_finetune", "fashion_mnist_few"), ("dino_knn", "fashion_knn")}
-    finetuned = next(run for run in results["runs"] if run["task"] == "fashion_mnist_few")
-    assert [level["seeds"] for level in finetuned["levels"]] == [[0, 1], [0, 1]]
+    assert {(run["model"], run["task"]) for run in results["runs"]} == tasks
+    for run in results["runs"]:
+        expected = seeds if run["protocol"] == "finetune" else None  # zero-shot: evaluated once
+        assert [level.get("seeds") for level in run["levels"]] == [expected, expected]
     assert (tmp_path / "run" / "drops.png").is_file()
