@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -81,7 +82,8 @@ def plot_drops(runs: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
             lowest = min(level["drop"] for run in panel_runs for level in run["levels"])
             ax.set_yscale("symlog", linthresh=max(tolerance or 1.0, 1e-3))
             ax.set_ylim(bottom=min(lowest, 0.0))
-        ax.set_title(f"{model} / {task}")
+        # Checkpoint sources ("checkpoint:RUN_DIR@STEP") are long: wrapped, not cut off.
+        ax.set_title(textwrap.fill(f"{model} / {task}", 48), fontsize=9)
         ax.set_xlabel("sparsity of the target weights (%)")
         ax.set_ylabel(f"drop in {panel_runs[0]['metric']} (worse >)")
         ax.legend(fontsize=7 if len(panel_runs) < 6 else 6, loc="upper left")
