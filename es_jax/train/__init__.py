@@ -1,5 +1,6 @@
-"""Training: masked optax updates, masked fine-tuning, IMP (lottery tickets), MLM pre-training
-with Orbax.
+"""Training: masked optax updates, masked fine-tuning, IMP (lottery tickets), pre-training with
+Orbax (MLM BERT; a ViT supervised or DINO-style: `pretrain`, `objectives`, `mlm`, `vision`, `dino`),
+and pre-training checkpoints loaded as models (`checkpoint_models`).
 
 `es_jax.train.finetune` is the fine-tuning module (its entry point is
 `es_jax.train.finetune.finetune`); the names below are the ones other packages build on.
