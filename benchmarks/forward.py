@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import machine
 import numpy as np
 import torch
 import transformers
@@ -100,12 +101,12 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=5, help="timed calls per framework")
     args = parser.parse_args()
-    print(
-        f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
-        f"with {torch.get_num_threads()} threads"
-    )
+    before = machine.describe()
+    print(f"jax devices: {jax.device_count()} {jax.devices()[0].platform}; torch threads: "
+          f"{torch.get_num_threads()}")
     for name in args.models.split(","):
         benchmark(name.strip(), args.rounds)
+    machine.report(before)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import machine
 import numpy as np
 
 from es_jax import pruning
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-slow", action="store_true", help="skip jnp.sort and torch")
     args = parser.parse_args()
+    before = machine.describe()
 
     params = bert_base_targets()
     n = sum(w.size for w in params.values())
@@ -125,6 +127,7 @@ def main() -> None:
             print(f"XLA scratch for one mask, {name}: {scratch / 2**20:.1f} MiB = "
                   f"{scratch / n:.2f} bytes/weight (output mask "
                   f"{analysis.output_size_in_bytes / n:.2f} bytes/weight)")
+    machine.report(before)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import copy
 import tempfile
 import time
 
+import machine
 import ml_collections
 import numpy as np
 
@@ -156,6 +157,7 @@ def main() -> None:
     parser.add_argument("--levels", type=int, default=10, help="grid 0.0, 0.1, ... (<= 10)")
     args = parser.parse_args()
     grid = tuple(round(0.1 * i, 1) for i in range(args.levels))
+    before = machine.describe()
     from es_jax import data
 
     for task in ("wordsim353", "simlex999"):
@@ -173,6 +175,7 @@ def main() -> None:
         print(f"  {task:<11} max |es_jax - PyTorch| over levels: {diff:.3f} Spearman points")
         print(f"    es_jax : {' '.join(f'{v:6.2f}' for v in jax_values[task])}")
         print(f"    PyTorch: {' '.join(f'{v:6.2f}' for v in torch_values[task])}")
+    machine.report(before)
 
 
 if __name__ == "__main__":
