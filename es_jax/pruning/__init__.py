@@ -4,6 +4,8 @@ Imports only jax and numpy, so it can be taken alone into any Flax codebase:
 
     scores = pruning.magnitude(params, where=r".*/(query|key|value)/kernel")
     mask = pruning.unstructured(scores, 0.5)      # exactly round(0.5 * n) removed, globally
+    lv = pruning.levels(scores, [0.1, 0.3, 0.5])  # every nested level in one uint8 per weight
+    mask = pruning.mask_at(lv, 2)                 # == pruning.unstructured(scores, [...])[2]
     pruned = pruning.apply(params, mask)
     result = pruning.sparsegpt(kernel, hessian, 0.5)   # one layer, OBS error compensation
 """
@@ -14,6 +16,8 @@ from es_jax.pruning.masks import (
     erk_densities,
     erk_kept_counts,
     filled_mask,
+    levels,
+    mask_at,
     n_of_m,
     omp,
     target_leaf_flags,
@@ -33,7 +37,9 @@ __all__ = [
     "filled_mask",
     "format_report",
     "leaf_paths",
+    "levels",
     "magnitude",
+    "mask_at",
     "n_of_m",
     "near_zero",
     "omp",

@@ -3,7 +3,9 @@
 
 A mask is a bool pytree with the structure of the parameters: True where a weight is kept, `None`
 on leaves that are not targets. `filled_mask` and `target_leaf_flags` recast it for code that
-cannot take `None` leaves (a plain `jax.tree.map`, `optax.masked`).
+cannot take `None` leaves (a plain `jax.tree.map`, `optax.masked`). The masks of increasing
+sparsities nest, so `levels` holds them all in one uint8 per weight (the first level that prunes
+it), and `mask_at` reads one back.
 
 Non-finite scores. Called eagerly, `unstructured`, `n_of_m` and `omp` refuse NaN or inf in the
 scores (or weights) of a target leaf with a ValueError naming the leaf. Under jit, where values
@@ -20,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -30,7 +33,7 @@ from jax import lax
 
 from es_jax.pruning.paths import PyTree, Selector, check_like, path_string
 from es_jax.pruning.scores import check_finite, map_targets, random_scores, scores_message
-from es_jax.pruning.select import kept_masks, sortable_keys
+from es_jax.pruning.select import Leaves, _kept_masks, count_dtype, kept_masks, sortable_keys
 
 Array = jax.Array
 Sparsity = float | Sequence[float]
@@ -166,21 +169,161 @@ def _unstructured_masks(treedef: Any, leaves: list[Any], levels: list[float], sc
     return [_assemble(treedef, leaves, targets, by_level[s]) for s in levels]
 
 
+MAX_LEVELS = 255
+
+
+def levels(scores: PyTree, sparsities: Sparsity, scope: Scope = "global",
+           transform: Callable[[Array], Array] | None = None, checked: bool = False) -> PyTree:
+    """Every mask of one nested selection in one byte per weight: on each target leaf a uint8
+    array of its shape holding, for each weight, the index in `sparsities` of the first level
+    whose mask prunes it, and len(sparsities) where no level does; None on the other leaves.
+
+    `sparsities` must be strictly increasing, at most MAX_LEVELS (255) of them; a single number
+    is one level. `mask_at(levels(scores, sparsities, ...), i)` equals `unstructured(scores,
+    sparsities, ...)[i]` exactly, ties included: the scopes, `transform`, `checked` and the
+    handling of NaN and inf are `unstructured`'s. The masks nest, so a weight's value is the
+    number of levels that keep it: the kept masks are added in uint8 one level at a time inside
+    one compiled program (per output, in a loop over the levels) that returns the uint8 arrays
+    alone, compiled once per number of levels, scope, transform and leaf shapes.
+    """
+    ascending = _increasing(sparsities)
+    _check_scope(scope)
+    paths, leaves, treedef = _score_leaves(scores)
+    targets = [i for i, leaf in enumerate(leaves) if leaf is not None]
+    arrays = [leaves[i] for i in targets]
+    if scope == "per_output":
+        for i in targets:
+            _check_input_axis(leaves[i], paths[i])
+    check_finite([paths[i] for i in targets], arrays, scores_message, checked, transform)
+    counts = _levels_arrays(arrays, _removal_counts(arrays, ascending, scope), scope, transform)
+    return _assemble(treedef, leaves, targets, counts)
+
+
+def _increasing(sparsities: Sparsity) -> list[float]:
+    """The sparsity levels as Python floats; refuses levels that do not strictly increase, and
+    more than MAX_LEVELS."""
+    found, _ = _levels(sparsities)
+    if len(found) > MAX_LEVELS:
+        raise ValueError(f"{len(found)} sparsity levels, but a uint8 levels array holds at most "
+                         f"{MAX_LEVELS}: split them over several calls to pruning.levels")
+    for i in range(1, len(found)):
+        if found[i] <= found[i - 1]:
+            raise ValueError(f"sparsities must be strictly increasing, but level {i} "
+                             f"({found[i]}) does not exceed level {i - 1} ({found[i - 1]}): sort "
+                             f"them and drop repeats")
+    return found
+
+
+def _removal_counts(arrays: list[Array], levels: list[float], scope: Scope) -> list[Array]:
+    """The counts to remove at each ascending level, as `unstructured` rounds them: for 'global'
+    one array for all the arrays together, for 'layerwise' one per array, for 'per_output' one
+    per array counting within each of its output slices."""
+    if scope == "global":
+        total = sum(a.size for a in arrays)
+        return [jnp.asarray([round(s * total) for s in levels], count_dtype(total))]
+    if scope == "layerwise":
+        return [jnp.asarray([round(s * a.size) for s in levels], count_dtype(a.size))
+                for a in arrays]
+    groups = [a.size // a.shape[-1] if a.size else 0 for a in arrays]
+    return [jnp.asarray([round(s * group) for s in levels], jnp.int32) for group in groups]
+
+
+@functools.partial(jax.jit, static_argnames=("scope", "transform"))
+def _levels_arrays(arrays: list[Array], counts: list[Array], scope: Scope,
+                   transform: Callable[[Array], Array] | None) -> list[Array]:
+    """`levels`' body: per target array, how many levels keep each weight, for the ascending
+    `counts` of `_removal_counts` (traced, so one program serves every sparsity list of a
+    length): the kept masks added in uint8 one level at a time (per output, in a loop)."""
+    if scope == "per_output":
+        return [_per_output_levels(a, c, transform) for a, c in zip(arrays, counts, strict=True)]
+    if scope == "global":
+        return _summed_kept(arrays, counts[0], transform)
+    return [_summed_kept([a], c, transform)[0] for a, c in zip(arrays, counts, strict=True)]
+
+
+def _summed_kept(arrays: list[Array], counts: Array,
+                 transform: Callable[[Array], Array] | None) -> list[Array]:
+    """Per array, how many of `kept_masks(arrays, counts, transform)` keep each weight (the same
+    selection: zero-size arrays take no part)."""
+    filled = [i for i, a in enumerate(arrays) if a.size]
+    out = [jnp.zeros(a.shape, jnp.uint8) for a in arrays]
+    if filled:
+        for kept in _kept_masks(Leaves([arrays[i] for i in filled], transform), counts):
+            for i, mask in zip(filled, kept, strict=True):
+                out[i] = out[i] + mask.astype(jnp.uint8)
+    return out
+
+
+def _level_index(i: Any) -> int:
+    """A level index as a Python int; refuses a bool, a non-integer, a traced value, and one
+    outside [0, MAX_LEVELS)."""
+    try:
+        index = None if isinstance(i, bool | np.bool_) else operator.index(i)
+    except TypeError:  # a float, a string, a traced value
+        index = None
+    if index is None:
+        raise ValueError(f"the level index is a concrete integer (a Python int), got {i!r}")
+    if not 0 <= index < MAX_LEVELS:
+        raise ValueError(f"level index {index} is out of range: a levels tree holds levels 0 to "
+                         f"at most {MAX_LEVELS - 1}, in the order of the sparsities given")
+    return index
+
+
+def mask_at(levels_tree: PyTree, i: int) -> PyTree:
+    """The kept mask (True = kept) of level `i` of a tree made by `levels`: `levels_tree > i`, a
+    weight kept at level i iff the first level that prunes it comes later; None where the tree
+    has None.
+
+    `i` is a level's index in the sparsities given to `levels`, 0 <= i < 255 (the tree does not
+    record how many levels it holds: an index past the last level reads every weight as pruned).
+    Refuses a leaf that is not uint8 (a mask or a scores tree), naming it.
+    """
+    index = _level_index(i)
+    with_paths, treedef = jax.tree_util.tree_flatten_with_path(levels_tree, is_leaf=_is_none)
+    out = []
+    for path, leaf in with_paths:
+        if leaf is None:
+            out.append(None)
+            continue
+        dtype = leaf.dtype if hasattr(leaf, "dtype") else np.result_type(leaf)
+        if dtype != np.uint8:
+            raise ValueError(f"the levels tree at {path_string(path)!r} has dtype {dtype}, not "
+                             f"uint8: mask_at reads the trees pruning.levels makes")
+        out.append(jnp.asarray(leaf) > index)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
 def per_output_kept(leaf: Array, levels: Sequence[float],
                     transform: Callable[[Array], Array] | None = None,
                     path: str = "leaf") -> list[Array]:
     """Kept masks of one leaf, one per ascending level, each output slice `leaf[..., j]` losing
     exactly round(s * size / out) of its lowest scores (ties: lower flat position in the slice
     first; non-finite scores lowest, see `sortable_keys`)."""
+    _check_input_axis(leaf, path)
+    if leaf.size == 0:
+        return [jnp.ones(leaf.shape, jnp.bool_) for _ in levels]
+    group = leaf.size // leaf.shape[-1]
+    return list(_per_output_kept(leaf, tuple(round(s * group) for s in levels), transform))
+
+
+def _check_input_axis(leaf: Array, path: str) -> None:
+    """Refuses, for per-output pruning, a leaf of fewer than 2 axes."""
     if leaf.ndim < 2:
         raise ValueError(f"leaf {path!r} of shape {leaf.shape} has no input axis: per-output "
                          f"pruning compares the inputs of each output unit, so it needs a kernel "
                          f"of at least 2 axes (last = outputs); exclude the leaf or use "
                          f"scope='layerwise'")
-    if leaf.size == 0:
-        return [jnp.ones(leaf.shape, jnp.bool_) for _ in levels]
-    group = leaf.size // leaf.shape[-1]
-    return list(_per_output_kept(leaf, tuple(round(s * group) for s in levels), transform))
+
+
+def _output_rows(leaf: Array, transform: Callable[[Array], Array] | None) -> Array:
+    """Sortable keys of the leaf's scores, row j the output slice `leaf[..., j]` flattened."""
+    scores = leaf if transform is None else transform(leaf)
+    return sortable_keys(jnp.moveaxis(scores, -1, 0).reshape(leaf.shape[-1], -1))
+
+
+def _from_rows(rows: Array, shape: tuple[int, ...]) -> Array:
+    """An array in `_output_rows`' layout put back in the leaf's shape."""
+    return jnp.moveaxis(rows.reshape(shape[-1], *shape[:-1]), 0, -1)
 
 
 @functools.partial(jax.jit, static_argnames=("counts", "transform"))
@@ -189,19 +332,30 @@ def _per_output_kept(leaf: Array, counts: tuple[int, ...],
     """`per_output_kept`'s body: for each count k, each output slice's k-th smallest key found
     bit by bit (32 counting passes, far cheaper than sorting on XLA:CPU), then the keys below it
     and the first ties at it removed."""
-    scores = leaf if transform is None else transform(leaf)
-    keys = sortable_keys(jnp.moveaxis(scores, -1, 0).reshape(leaf.shape[-1], -1))
-    moved_shape = (leaf.shape[-1], *leaf.shape[:-1])
-    kept = []
-    for count in counts:
-        removed = _lowest_per_row(keys, count)
-        kept.append(jnp.moveaxis((~removed).reshape(moved_shape), 0, -1))
-    return tuple(kept)
+    keys = _output_rows(leaf, transform)
+    return tuple(_from_rows(~_lowest_per_row(keys, count), leaf.shape) for count in counts)
 
 
-def _lowest_per_row(keys: Array, count: int) -> Array:
-    """Flags of the `count` lowest keys of each row (ties: lower position first)."""
-    if count == 0:
+def _per_output_levels(leaf: Array, counts: Array,
+                       transform: Callable[[Array], Array] | None) -> Array:
+    """`levels` of one leaf (of at least 2 axes) per output, for the ascending `counts` to remove
+    from each output slice: the kept masks of `per_output_kept` added in uint8 in a loop over
+    the levels, so one level's work is held at a time."""
+    if leaf.size == 0:
+        return jnp.zeros(leaf.shape, jnp.uint8)
+    keys = _output_rows(leaf, transform)
+
+    def add(level: Array, total: Array) -> Array:
+        return total + (~_lowest_per_row(keys, counts[level])).astype(jnp.uint8)
+
+    total = lax.fori_loop(0, counts.shape[0], add, jnp.zeros(keys.shape, jnp.uint8))
+    return _from_rows(total, leaf.shape)
+
+
+def _lowest_per_row(keys: Array, count: int | Array) -> Array:
+    """Flags of the `count` lowest keys of each row (ties: lower position first); `count` may be
+    traced."""
+    if isinstance(count, int) and count == 0:
         return jnp.zeros(keys.shape, jnp.bool_)
 
     def bit(i: Array, kth: Array) -> Array:
