@@ -156,9 +156,9 @@ def load_model(
 
     A fine-tune head (classification, QA) is new, initialised from `seed` (the same at every
     level), on a backbone that does not depend on the seed: a tiny model's weights, which stand
-    for pre-trained ones, are the random ones of seed 0, and a pre-training run's own classifier
-    is not kept (`with_new_head`). Other models are loaded as they are, with `seed` for anything
-    the checkpoint lacks.
+    for pre-trained ones, are the random ones of seed 0 (`with_new_head`), and a pre-training
+    run's own classifier is not kept (`load_checkpoint_model(new_head=True)`). Other models are
+    loaded as they are, with `seed` for anything the checkpoint lacks.
     """
     from es_jax import models
 
@@ -168,14 +168,13 @@ def load_model(
     if source is not None:
         from es_jax.train.checkpoint_models import load_checkpoint_model
 
-        model, tokenizer = load_checkpoint_model(
-            source, task=None if new_head else task, num_labels=num_labels, seed=seed
+        return load_checkpoint_model(
+            source, task=task, num_labels=num_labels, seed=seed, new_head=new_head
         )
-    elif len(settings.tiny):
+    if len(settings.tiny):
         model, tokenizer = tiny_model(settings, None if new_head else task, 0 if new_head else seed)
-    else:
-        return models.load(settings.name, task=task, num_labels=num_labels, seed=seed)
-    return (with_new_head(model, task, num_labels, seed) if new_head else model), tokenizer
+        return (with_new_head(model, task, num_labels, seed) if new_head else model), tokenizer
+    return models.load(settings.name, task=task, num_labels=num_labels, seed=seed)
 
 
 def tiny_model(settings: Any, task: str | None, seed: int) -> tuple[Any, Any]:

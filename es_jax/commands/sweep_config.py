@@ -309,12 +309,8 @@ def checkpoint_run(source: str) -> CheckpointRun:
 
     parsed = checkpoint_models.parse_source(source)
     run = checkpoint_models.open_source(source)
+    checkpoint_models.check_step(run, parsed.step)
     step = run.steps[-1] if parsed.step is None else parsed.step
-    if step not in run.steps:
-        raise ValueError(
-            f"{CHECKPOINT_PREFIX}{source}: run {run.directory} has no checkpoint at step {step}; "
-            f"saved steps: {list(run.steps)}."
-        )
     return CheckpointRun(f"{parsed.run_dir}@{step}", checkpoint_models.objective_of(run))
 
 

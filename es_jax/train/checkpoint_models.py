@@ -81,17 +81,20 @@ def load_checkpoint_model(
     num_labels: int | None = None,
     seed: int = 0,
     dtype: Any = None,
+    new_head: bool = False,
 ) -> tuple[nnx.Module, Any]:
     """`(model, tokenizer)` of a pre-training checkpoint, as `models.load` returns a hub model's.
 
     `task` as `models.load`'s: None for the backbone (BERT's encoder, ViT's `ViTModel`), else one
     of the family's heads ("mlm", "classification", ...); heads the checkpoint lacks start from the
-    family's initialiser seeded by `seed`. The tokenizer is None for vision runs. The model is in
-    eval mode, its compute dtype `dtype` (None: float32).
+    family's initialiser seeded by `seed`, and so does a supervised run's own classifier with
+    `new_head=True` (fine-tuning, where every seed's head must be new). The tokenizer is None for
+    vision runs. The model is in eval mode, its compute dtype `dtype` (None: float32).
     """
     from es_jax.models import hub
 
-    checkpoint = hf_checkpoint(source, num_labels if task == "classification" else None)
+    classes = num_labels if task == "classification" else None
+    checkpoint = hf_checkpoint(source, classes, backbone_only=new_head)
     try:
         model = hub.from_hf(checkpoint.hf_config, checkpoint.tensors, task=task,
                             num_labels=num_labels, dtype=dtype, seed=seed)
@@ -135,10 +138,10 @@ def is_run(source: str) -> bool:
     return checkpointing.checkpoint_dir(Path(text).expanduser()).is_dir()
 
 
-def hf_checkpoint(source: str, num_labels: int | None) -> HfCheckpoint:
+def hf_checkpoint(source: str, num_labels: int | None, backbone_only: bool = False) -> HfCheckpoint:
     """The checkpoint `source` names as a Hugging Face checkpoint (see the module docstring;
     `num_labels`: the classes of the classifier that will be loaded from it, None to keep the
-    run's own)."""
+    run's own; `backbone_only`: a supervised run's backbone without its classifier)."""
     run = open_source(source)
     objective = objective_of(run)
     step, params = chosen_step(run, parse_source(source).step)
@@ -148,7 +151,7 @@ def hf_checkpoint(source: str, num_labels: int | None) -> HfCheckpoint:
         model, tokenizer = mlm_model(config, run.directory, params, label)
     else:
         model, tokenizer = vision_model(config, objective, params, label), None
-    family, exported = exported_model(model, num_labels)
+    family, exported = exported_model(model, num_labels, backbone_only)
     hf_config = family.config_to_hf(model.config)
     classes = getattr(exported, "num_labels", None)
     if classes is not None:
@@ -250,14 +253,17 @@ def vision_model(config: ml_collections.ConfigDict, objective: str, params: dict
     return filled(build, params["vit"], label)
 
 
-def exported_model(model: nnx.Module, num_labels: int | None) -> tuple[Any, nnx.Module]:
+def exported_model(
+    model: nnx.Module, num_labels: int | None, backbone_only: bool = False
+) -> tuple[Any, nnx.Module]:
     """The family of `model` and the module to export: `model`, or its backbone where it is a
-    classifier of other than `num_labels` classes (so that a new classifier is initialised)."""
+    classifier of other than `num_labels` classes or `backbone_only` is set (so that a new
+    classifier is initialised)."""
     from es_jax.models import hub, vit
 
     classifier = isinstance(model, vit.ViTForImageClassification)
     other_classes = classifier and num_labels not in (None, model.num_labels)
-    return hub.family_of(model), model.vit if other_classes else model
+    return hub.family_of(model), model.vit if other_classes or backbone_only else model
 
 
 def filled(build: Callable[[], nnx.Module], params: Any, label: str) -> nnx.Module:

@@ -33,7 +33,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import nnx
 
@@ -192,52 +191,28 @@ def _mean_entropy(teacher_out: jax.Array, center: jax.Array, temperature: jax.Ar
 # ----------------------------------------------------------------------------- quality
 
 
-def backbone_features(config: ml_collections.ConfigDict, params: Any, images: Any) -> np.ndarray:
-    """The final [CLS] hidden state of the backbone `params` (a ViTModel's parameters without
-    pooler) for every image of an `ImageSet`, as float32 (N, hidden)."""
-    from es_jax.data import images as image_data
-    from es_jax.models import vit
-
-    evaluation = config.evaluation
-    graphdef, rest = objectives.split_model(
-        lambda: vit.ViTModel(vit_config(config), add_pooling_layer=False, rngs=nnx.Rngs(0))
-    )
-
-    @jax.jit
-    def cls(params: Any, pixels: jax.Array) -> jax.Array:
-        model = nnx.merge(graphdef, params, rest)
-        model.eval()
-        return model(pixels)[:, 0].astype(jnp.float32)
-
-    batches = image_data.evaluation_batches(
-        images, evaluation.batch_size, config.model.image_size
-    )
-    features = [
-        np.asarray(cls(params, batch["pixel_values"]))[batch["weights"] > 0] for batch in batches
-    ]
-    return np.concatenate(features)
-
-
 def knn_quality(config: ml_collections.ConfigDict, state: dict[str, Any]) -> dict[str, float]:
     """{"knn_accuracy": percent, "knn_bank", "knn_test"} of the run's backbone (see the module
-    docstring)."""
+    docstring), through the sweep's k-NN evaluator (`evaluators.knn_classification`)."""
     from es_jax.data import images as image_data
-    from es_jax.evaluate import knn
+    from es_jax.evaluate import evaluators
+    from es_jax.models import vit
 
-    evaluation = config.evaluation
-    data_dir = config.data.data_dir or None
-    bank = _first(image_data.image_arrays(config.data.dataset, "train", data_dir),
+    evaluation, data = config.evaluation, config.data
+    bank = _first(image_data.image_arrays(data.dataset, "train", data.data_dir or None),
                   evaluation.bank_examples)
-    test = _first(image_data.image_arrays(config.data.dataset, "test", data_dir),
+    test = _first(image_data.image_arrays(data.dataset, "test", data.data_dir or None),
                   evaluation.test_examples)
-    params = jax.device_get(state["params"]["vit"])
-    accuracy = knn.knn_accuracy(
-        backbone_features(config, params, bank), bank.labels,
-        backbone_features(config, params, test), test.labels,
-        num_classes=config.data.num_classes, k=evaluation.k,
-        temperature=evaluation.temperature,
+    size = config.model.image_size
+    backbone = vit.ViTModel(vit_config(config), add_pooling_layer=False, rngs=nnx.Rngs(0))
+    evaluator = evaluators.knn_classification(
+        backbone,
+        image_data.evaluation_batches(bank, evaluation.batch_size, size),
+        image_data.evaluation_batches(test, evaluation.batch_size, size),
+        num_classes=data.num_classes, k=evaluation.k, temperature=evaluation.temperature,
+        task="knn",
     )
-    return {"knn_accuracy": float(accuracy), "knn_bank": len(bank.labels),
+    return {"knn_accuracy": evaluator(state["params"]["vit"]), "knn_bank": len(bank.labels),
             "knn_test": len(test.labels)}
 
 
