@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from flax import nnx
 
-from es_jax.mesh import batch_sharding, global_batch, make_mesh, replicated, state_shardings
+from es_jax.commands.command_line import mesh_settings
+from es_jax.mesh import batch_sharding, from_config, global_batch, replicated, state_shardings
 from es_jax.train import checkpointing, mlm, objectives, pretrain
 
 VOCAB = 8000
@@ -55,7 +56,7 @@ def bench_config() -> ml_collections.ConfigDict:
     config.grad_clip_norm = 1.0
     config.mask_rate = 0.15
     config.compute_dtype = "float32"
-    config.fsdp = False
+    config.mesh = mesh_settings()
     return config
 
 
@@ -90,7 +91,7 @@ def batch_of(config: ml_collections.ConfigDict) -> np.ndarray:
 def jax_step_seconds(config: ml_collections.ConfigDict, repeats: int) -> float:
     """Seconds per es_jax train step: `mlm.train_step` jitted and watched for divergence by
     `pretrain.compiled_step`, as `es-jax pretrain` runs it (one device)."""
-    mesh = make_mesh()
+    mesh = from_config(config.mesh)
     optimizer = pretrain.make_optimizer(config)
     build = partial(mlm.build_model, config, VOCAB)
     graphdef, rest = objectives.split_model(build)
@@ -99,7 +100,7 @@ def jax_step_seconds(config: ml_collections.ConfigDict, repeats: int) -> float:
         params = nnx.state(build(), nnx.Param).to_pure_dict()
         return objectives.init_train_state(params, optimizer, config.seed)
 
-    shardings = state_shardings(jax.eval_shape(init_state), mesh, config.fsdp)
+    shardings = state_shardings(jax.eval_shape(init_state), mesh)
     step_fn = pretrain.compiled_step(
         partial(mlm.train_step, graphdef=graphdef, optimizer=optimizer, mask_token_id=MASK_ID,
                 vocab_size=VOCAB, mask_rate=config.mask_rate),

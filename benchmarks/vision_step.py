@@ -50,7 +50,7 @@ from flax import nnx
 from torch.nn import functional
 
 from es_jax.commands import pretrain_config
-from es_jax.mesh import batch_sharding, global_batch, make_mesh, replicated, state_shardings
+from es_jax.mesh import batch_sharding, from_config, global_batch, replicated, state_shardings
 from es_jax.models import vit
 from es_jax.train import objectives, pretrain, vision
 
@@ -86,8 +86,8 @@ def es_jax_side(config: ml_collections.ConfigDict) -> EsJaxSide:
     first batch of the objective's own data pipeline, after its first (compiling) step."""
     objective = vision.objective(config, pretrain.make_optimizer(config))
     batch = objective.host_batch(next(iter(objective.dataset)))
-    mesh = make_mesh()
-    shardings = state_shardings(jax.eval_shape(objective.init_state), mesh, config.fsdp)
+    mesh = from_config(config.mesh)
+    shardings = state_shardings(jax.eval_shape(objective.init_state), mesh)
     state = jax.jit(objective.init_state, out_shardings=shardings)()
     graphdef, rest = objectives.split_model(lambda: vision.build_model(config))
     model = nnx.merge(graphdef, jax.device_get(state["params"]), rest)

@@ -363,3 +363,9 @@ def flat_items(config: ml_collections.ConfigDict, prefix: str = "") -> list[tupl
             plain = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
             items.append((f"{prefix}{key}", plain))
     return items
+
+
+def mesh_settings(data: int = -1, fsdp: int = 1) -> ml_collections.ConfigDict:
+    """The `mesh` keys of every command's config: devices along the `data` axis and the `fsdp`
+    axis (which also shards parameters); -1 takes the devices the other leaves (es_jax.mesh)."""
+    return ml_collections.ConfigDict({"data": data, "fsdp": fsdp})

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from es_jax.commands.command_line import mesh_settings
+
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """4-layer BERT (hidden 128) on the offline Wikipedia + news text, 2,000 steps."""
@@ -57,7 +59,7 @@ def training_keys(
     config.adam_eps = 1e-6
     config.grad_clip_norm = 1.0
     config.compute_dtype = "float32"
-    config.fsdp = False  # shard each parameter's largest axis over the devices
+    config.mesh = mesh_settings()
     config.distributed = False  # jax.distributed.initialize() first (multi-host)
     config.async_checkpoints = True
     config.log_every = 50

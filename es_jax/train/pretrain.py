@@ -4,7 +4,7 @@
 names (`es_jax.train.objectives`: MLM BERT on text, or a ViT on images, supervised or DINO-style),
 saves checkpoints under `WORKDIR/checkpoints/` and, run again, resumes from the newest readable one.
 One code path runs on one CPU and on a TPU pod: the mesh of `es_jax.mesh` over every device,
-batches split along its `data` axis, parameters replicated or FSDP-sharded (`config.fsdp`), and
+batches split along its `data` axis, parameters replicated or FSDP-sharded (`config.mesh`), and
 `jax.distributed.initialize()` first when `config.distributed` is set (every host runs the same
 command). The loss plot of a run is drawn from its `train_log.jsonl` by
 `es_jax.analysis.plots.plot_training_loss`. At the end, objectives that measure their own quality
@@ -37,14 +37,14 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from es_jax.mesh import batch_sharding, global_batch, make_mesh, replicated, state_shardings
+from es_jax.mesh import batch_sharding, from_config, global_batch, replicated, state_shardings
 from es_jax.train import checkpointing, objectives
 
 LOG_FILE = "train_log.jsonl"
 RESULTS_FILE = "results.json"
 # Config keys that change how a run is executed or logged, not what it computes: a resumed run
 # may change them freely.
-RUN_ONLY_KEYS = ("force", "log_every", "async_checkpoints", "distributed")
+RUN_ONLY_KEYS = ("force", "log_every", "async_checkpoints", "distributed", "mesh")
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -208,10 +208,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         jax.distributed.initialize()
     check_values(config)
     checkpointing.check_config(workdir, config, force=config.force, ignore=RUN_ONLY_KEYS)
-    mesh = make_mesh()
+    mesh = from_config(config.mesh)
     objective = objectives.make(config, workdir, make_optimizer(config))
     abstract = jax.eval_shape(objective.init_state)
-    shardings = state_shardings(abstract, mesh, config.fsdp)
+    shardings = state_shardings(abstract, mesh)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
 

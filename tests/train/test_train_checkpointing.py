@@ -145,7 +145,7 @@ def test_checksums_do_not_depend_on_devices_or_sharding():
     from es_jax.mesh import make_mesh, state_shardings
 
     host = mixed_state()
-    sharded = jax.device_put(host, state_shardings(host, make_mesh(), fsdp=True))
+    sharded = jax.device_put(host, state_shardings(host, make_mesh(data=1, fsdp=-1)))
     assert not sharded["kernel"].sharding.is_fully_replicated
     assert checkpointing.state_checksums(sharded) == checkpointing.state_checksums(host)
 
@@ -174,7 +174,7 @@ import numpy as np
 from es_jax.mesh import make_mesh, state_shardings
 from es_jax.train import checkpointing
 host = {"kernel": np.random.default_rng(0).normal(size=(64, 128)).astype(np.float32)}
-shardings = state_shardings(host, make_mesh(), fsdp=True)
+shardings = state_shardings(host, make_mesh(data=1, fsdp=-1))
 state = {k: jax.make_array_from_callback(v.shape, shardings[k], lambda i, v=v: v[i])
          for k, v in host.items()}
 assert not state["kernel"].is_fully_addressable  # each host holds half of it

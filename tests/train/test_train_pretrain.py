@@ -91,11 +91,10 @@ def test_learning_rate_warms_up_then_decays_linearly_to_zero(smoke_config):
     assert float(schedule(total)) == pytest.approx(0.0)
 
 
-def train_two_steps(config, fsdp: bool):
-    """Two train steps of the smoke model on a fixed batch over all devices."""
-    with config.unlocked():
-        config.fsdp = fsdp
-    mesh = make_mesh()
+def train_two_steps(config, fsdp: int):
+    """Two train steps of the smoke model on a fixed batch over all devices, parameters sharded
+    over `fsdp` of them."""
+    mesh = make_mesh(data=-1, fsdp=fsdp)
     optimizer = pretrain.make_optimizer(config)
     build = partial(mlm.build_model, config, VOCAB)
     graphdef, rest = objectives.split_model(build)
@@ -104,7 +103,7 @@ def train_two_steps(config, fsdp: bool):
         params = nnx.state(build(), nnx.Param).to_pure_dict()
         return objectives.init_train_state(params, optimizer, config.seed)
 
-    shardings = state_shardings(jax.eval_shape(init_state), mesh, config.fsdp)
+    shardings = state_shardings(jax.eval_shape(init_state), mesh)
     state = jax.jit(init_state, out_shardings=shardings)()
     tokens = np.random.default_rng(0).integers(5, VOCAB, (8, config.data.seq_len), np.int32)
     batch = mlm.with_maskable({"input_ids": tokens, "attention_mask": np.ones_like(tokens)},
@@ -122,8 +121,8 @@ def train_two_steps(config, fsdp: bool):
 
 def test_replicated_and_fsdp_training_agree_across_eight_devices(smoke_config):
     assert jax.device_count() == 8
-    replicated, losses = train_two_steps(smoke_config.copy_and_resolve_references(), fsdp=False)
-    sharded, sharded_losses = train_two_steps(smoke_config.copy_and_resolve_references(), True)
+    replicated, losses = train_two_steps(smoke_config.copy_and_resolve_references(), fsdp=1)
+    sharded, sharded_losses = train_two_steps(smoke_config.copy_and_resolve_references(), 4)
     embedding = sharded["params"]["bert"]["embeddings"]["word_embeddings"]["embedding"]
     assert not embedding.sharding.is_fully_replicated
     assert losses == pytest.approx(sharded_losses, rel=1e-5)
@@ -136,7 +135,7 @@ def test_bfloat16_compute_keeps_float32_weights(smoke_config):
     config = smoke_config.copy_and_resolve_references()
     with config.unlocked():
         config.compute_dtype = "bfloat16"
-    state, losses = train_two_steps(config, fsdp=False)
+    state, losses = train_two_steps(config, fsdp=1)
     assert all(np.isfinite(losses))
     assert {leaf.dtype for leaf in jax.tree.leaves(state["params"])} == {jnp.dtype("float32")}
 
