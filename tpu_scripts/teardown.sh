@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Usage: BUCKET=my-bucket tpu_scripts/teardown.sh
+# Usage: [TPU_NAME=..] [ZONE=..] tpu_scripts/teardown.sh [--dry-run]
 #
-# Deletes the TPU slice (the runs stay in gs://$BUCKET/runs). Asks for confirmation.
+# Deletes the queued resource and its slice (the runs stay in GCS). gcloud asks for confirmation.
+# Settings: tpu_scripts/env.sh; --dry-run (or DRY_RUN=1) prints the command instead.
 set -euo pipefail
+if [[ "${1:-}" == --dry-run ]]; then DRY_RUN=1; shift; fi
 cd "$(dirname "$0")/.."
 source tpu_scripts/env.sh
-gcloud compute tpus tpu-vm delete "${TPU_NAME}" --zone="${ZONE}" ${PROJECT_FLAG}
+delete_slice
