@@ -1,12 +1,12 @@
-r"""es-jax pretrain --config configs/bert_base_pretrain.py --workdir /gcs/BUCKET/runs/data_100
+r"""es-jax pretrain --config configs/bert_base_pretrain.py --workdir gs://BUCKET/runs/data_100
 
 BERT-base MLM pre-training from scratch, the paper's emergence setting (section 5, Fig. 8), on a
-Cloud TPU pod slice with tpu_scripts/ (every host runs the same command; the workdir is a bucket
-mounted at /gcs/BUCKET on all hosts):
-  BUCKET=my-bucket tpu_scripts/create.sh
-  BUCKET=my-bucket tpu_scripts/launch.sh data_100 --config.data.fraction=1.0
-then the other data volumes (0.9 / 0.8 / 0.7 / 0.6), each in its own workdir, and
-  BUCKET=my-bucket tpu_scripts/emergence.sh   (es-jax emergence --workdir /gcs/BUCKET/runs)
+Cloud TPU pod slice with tpu_scripts/ (every host runs the same command with
+--config.distributed=True; checkpoints go straight to the bucket through etils.epath):
+  BUCKET=my-bucket tpu_scripts/run_resilient.sh data_100 --config.data.fraction=1.0
+(a spot slice, recreated and the run resumed after each preemption), then the other data volumes
+(0.9 / 0.8 / 0.7 / 0.6), each in its own workdir, and
+  BUCKET=my-bucket tpu_scripts/emergence.sh   (es-jax emergence --workdir gs://BUCKET/runs)
 
 Bookcorpus comes through tfds's Hugging Face namespace ("huggingface:bookcorpus", which needs the
 `datasets` package and network access where the job runs). The paper leaves batch size, learning
