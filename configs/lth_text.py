@@ -8,6 +8,10 @@ per round up to 50% and rewinds to the pre-trained weights; OMP prunes the pre-t
 once per level; both are fine-tuned alike (5 epochs, batch 16, learning rate 1e-4) and scored
 by held-out accuracy, for seeds 0, 1 and 2.
 
+It runs on every device (`--config.mesh.data`, `--config.mesh.fsdp`: es_jax.mesh; fsdp > 1
+shards parameters, optimizer states and masks); the fine-tuning batch must split over each host's
+devices.
+
 `:tiny` runs a tiny random BERT with the bundled MiniLM tokenizer: 2 seeds, sparsities 0.1 and
 0.2, 2 fine-tuning steps (a smoke test of the whole command, about a minute on 2 cores).
 """

@@ -14,6 +14,11 @@ steps, config and a params reader); `es_jax.train.checkpointing.find_runs` and `
 A checkpoint its reader cannot read (an OSError: files missing, cut short, or not matching their
 checksums) is skipped with a warning naming it, and the newest readable one is the run's final
 checkpoint. Parameters holding NaN or inf (a diverged run) are refused, naming the run and step.
+
+With a device mesh (`mesh=`, `es_jax.mesh`), each checkpoint's parameters are placed on it with
+`mesh.shard` (FSDP-sharded or replicated by the shared rule) and its masks and figures computed
+there, the masks kept sharded like the parameters; every host computes, and only host 0 writes
+files. The figures are those of the analysis on one device.
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ from typing import Any, Protocol
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from es_jax import pruning
+from es_jax.mesh import shard
 
 THRESHOLDS = (1e-4, 1e-3, 1e-2)
 RELATIVE_THRESHOLDS = (0.01, 0.05, 0.1)
@@ -279,11 +286,13 @@ def analyse_run(
     relative_thresholds: Sequence[float] = RELATIVE_THRESHOLDS,
     sparsities: Sequence[float] = SPARSITIES,
     progress: bool = False,
+    mesh: Mesh | None = None,
 ) -> dict[str, Any]:
     """Figures for every readable checkpoint of one run; reuses its emergence.json if nothing
     changed (a run with skipped checkpoints is analysed again, and warned about, every time).
 
     The model family is recognised from the parameters' paths; `where` defaults to its target set.
+    With a `mesh`, each checkpoint's parameters and masks are sharded over it (`held`).
     """
     from es_jax import models
 
@@ -298,16 +307,18 @@ def analyse_run(
     masks_of = jax.jit(partial(omp_masks, where=where, sparsities=sparsities))
     figures_of = jax.jit(partial(weight_figures, where=where, thresholds=thresholds,
                                  relative_thresholds=relative_thresholds))
-    final_masks = jax.device_get(masks_of(last))
+    final_masks = held(masks_of(placed(last, mesh)), mesh)
     sizes = target_sizes(last, where)
     del last
     records, previous_masks = [], None
     up_to_final = [step for step in steps if step <= final_step]
-    for step in _maybe_progress(up_to_final, progress, run_dir.name):
+    shown = progress and jax.process_index() == 0
+    for step in _maybe_progress(up_to_final, shown, run_dir.name):
         params = readable_params(run, step)
         if params is None:
             continue
-        masks = jax.device_get(masks_of(params))
+        params = placed(params, mesh)
+        masks = held(masks_of(params), mesh)
         figures = _to_python(figures_of(params))
         previous = None if previous_masks is None else overlaps(masks, previous_masks)
         records.append(step_record(step, figures, sizes, family, sparsities, previous,
@@ -321,8 +332,21 @@ def analyse_run(
         "skipped_steps": sorted(set(steps) - {record["step"] for record in records}),
         "transitions": transitions(records, thresholds, relative_thresholds),
     }
-    (run_dir / RESULTS_FILE).write_text(json.dumps(result, indent=1))
+    if jax.process_index() == 0:
+        (run_dir / RESULTS_FILE).write_text(json.dumps(result, indent=1))
     return result
+
+
+def placed(params: Any, mesh: Mesh | None) -> Any:
+    """Host parameters sharded over `mesh` by the shared rule (`mesh.shard`); as they are
+    without a mesh."""
+    return params if mesh is None else shard(params, mesh)
+
+
+def held(masks: list[Any], mesh: Mesh | None) -> list[Any]:
+    """Masks as the analysis keeps them between checkpoints: host arrays without a mesh, sharded
+    like the parameters on one (no host can gather a mask that spans several hosts)."""
+    return jax.device_get(masks) if mesh is None else shard(masks, mesh)
 
 
 def _cached(run_dir: Path, steps: list[int], wanted: dict[str, Any]) -> dict[str, Any] | None:
@@ -373,11 +397,13 @@ def emergence(
     headline: str | None = None,
     plots: bool = True,
     progress: bool = False,
+    mesh: Mesh | None = None,
 ) -> dict[str, Any]:
-    """Analyses `runs` (workdir's own, or its sub-directories'); writes emergence.json and plots."""
+    """Analyses `runs` (workdir's own, or its sub-directories') on `mesh` (one device if None);
+    writes emergence.json and plots (host 0)."""
     workdir = Path(workdir)
     results = [
-        analyse_run(run, where, thresholds, relative_thresholds, sparsities, progress)
+        analyse_run(run, where, thresholds, relative_thresholds, sparsities, progress, mesh)
         for run in runs
     ]
     headline = headline or f"near_zero@{thresholds[len(thresholds) // 2]:g}"
@@ -388,6 +414,8 @@ def emergence(
     single = [Path(run.directory) for run in runs] == [workdir]
     report = results[0] if single else {"runs": results}
     report = {**report, "headline": headline, "comparison": compare_runs(results, headline)}
+    if jax.process_index() != 0:
+        return report
     (workdir / RESULTS_FILE).write_text(json.dumps(report, indent=1))
     if plots:
         from es_jax.analysis import emergence_plots

@@ -22,10 +22,16 @@ were computed with other settings is refused. At the end results.json gains per 
 sample std and per-seed values of each method at each level, the paired LTH - OMP differences and
 the similarities averaged over seeds; with results.csv, lth_minus_omp.png, similarity.png and
 summary.md.
+
+Everything runs on the device mesh of `config.mesh` (`es_jax.mesh`): parameters, optimizer states
+and masks sharded by its rule, fine-tuning batches split over every device. Every host computes;
+only host 0 writes results.json, the CSV, the plots and summary.md, and holds the workdir's lock
+(the IMP checkpoints are written by Orbax from every host).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import json
@@ -34,10 +40,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from es_jax import mesh as mesh_lib
 from es_jax.commands import command_line, lth_config
 from es_jax.commands.sweep import finetune_setup, finite
 from es_jax.commands.sweep_results import exclusive, write_atomically
@@ -69,16 +78,18 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool =
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     entry = lth_config.model_entry(config)
-    with exclusive(workdir, "lth"):
+    mesh = mesh_lib.from_config(config.mesh)
+    with workdir_lock(workdir):
         store = Store(workdir, config)
         pairs = list(itertools.product(config.seeds, config.tasks))
-        with tqdm(total=len(pairs), disable=not progress, unit="task") as bar:
+        visible = progress and jax.process_index() == 0
+        with tqdm(total=len(pairs), disable=not visible, unit="task") as bar:
             for seed in config.seeds:
                 tickets = {}
                 for task in config.tasks:
                     bar.set_description(f"{task} seed {seed}")
                     if not (store.task_done(task, seed) and store.seed_done(seed)):
-                        tickets[task] = compare(config, entry, store, workdir, task, seed)
+                        tickets[task] = compare(config, entry, store, workdir, task, seed, mesh)
                     bar.update(1)
                 if not store.seed_done(seed):
                     for a, b in itertools.combinations(config.tasks, 2):
@@ -87,16 +98,25 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool =
                             store.put_similarity((f"lth:{a}", f"lth:{b}"), seed, sparsity,
                                                  mask_a, mask_b)
         results = store.finish(time.perf_counter() - start)
-    write_csv(results["runs"], workdir / "results.csv")
-    plot(results, workdir)
-    (workdir / "summary.md").write_text(summary_table(results) + "\n")
+    if jax.process_index() == 0:
+        write_csv(results["runs"], workdir / "results.csv")
+        plot(results, workdir)
+        (workdir / "summary.md").write_text(summary_table(results) + "\n")
     return results
 
 
+def workdir_lock(workdir: Path) -> contextlib.AbstractContextManager:
+    """The workdir's lock for this run (`exclusive`), held by host 0 alone: the other hosts of
+    the run share its workdir."""
+    if jax.process_index() == 0:
+        return exclusive(workdir, "lth")
+    return contextlib.nullcontext()
+
+
 def compare(config: ml_collections.ConfigDict, entry: ml_collections.ConfigDict, store: Store,
-            workdir: Path, task: str, seed: int) -> list[Any]:
-    """IMP (resumed from its checkpoints) and OMP at every level of one task and seed, storing
-    what is missing; returns the tickets' masks, one per sparsity."""
+            workdir: Path, task: str, seed: int, mesh: Mesh) -> list[Any]:
+    """IMP (resumed from its checkpoints) and OMP at every level of one task and seed on `mesh`,
+    storing what is missing; returns the tickets' masks, one per sparsity."""
     from flax import nnx
 
     from es_jax import models, pruning
@@ -107,16 +127,16 @@ def compare(config: ml_collections.ConfigDict, entry: ml_collections.ConfigDict,
     imp_config = lottery.ImpConfig(setup.ft_config, tuple(config.sparsities), where, seed,
                                    config.rewind_step)
     rounds = lottery.imp(setup.model_fn, setup.data.train, imp_config, setup.data.evaluator,
-                         checkpoint_dir=workdir / "imp" / task / str(seed))
+                         checkpoint_dir=workdir / "imp" / task / str(seed), mesh=mesh)
     store.put_value(task, seed, "dense", 0.0, rounds[0].metric)
     for ticket in rounds[1:]:
         store.put_value(task, seed, "lth", ticket.sparsity, ticket.metric)
-    params = nnx.state(setup.model, nnx.Param)
+    params = finetune.on_mesh(nnx.state(setup.model, nnx.Param), mesh)
     _, omp_masks = pruning.omp(params, list(config.sparsities), where=where)
     for ticket, mask in zip(rounds[1:], omp_masks, strict=True):
         if store.value(task, seed, "omp", ticket.sparsity) is None:
             trained, _ = finetune.finetune(setup.model_fn, mask, setup.data.train,
-                                           setup.ft_config, seed)
+                                           setup.ft_config, seed, mesh=mesh)
             metric = setup.data.evaluator(nnx.state(trained, nnx.Param))
             store.put_value(task, seed, "omp", ticket.sparsity, metric)
         store.put_similarity((f"lth:{task}", "omp"), seed, ticket.sparsity, ticket.mask, mask)
@@ -184,8 +204,9 @@ class Store:
         self.similarities[similarity_key(record)] = record
         self.save()
 
-    def save(self, aggregates: dict | None = None) -> None:
-        """Rewrites results.json atomically as strict JSON, with `aggregates` when given."""
+    def save(self, aggregates: dict | None = None) -> dict:
+        """Rewrites results.json atomically as strict JSON (host 0), with `aggregates` when
+        given; returns the document as read back from that JSON."""
         document = {
             "schema_version": SCHEMA_VERSION,
             "settings": self.settings,
@@ -199,15 +220,16 @@ class Store:
         except ValueError as error:
             raise ValueError(f"{self.path}: refusing to write a non-finite number ({error})."
                              ) from None
-        write_atomically(self.path, text + "\n")
+        if jax.process_index() == 0:
+            write_atomically(self.path, text + "\n")
+        return json.loads(text)
 
     def finish(self, seconds: float) -> dict:
         """Adds the aggregates of the config's tasks and seeds (`aggregate`), saves, returns the
         document."""
         aggregates = {**aggregate(self.config, self.values, self.similarities),
                       "seconds": seconds}
-        self.save(aggregates)
-        return read_results(self.path)
+        return self.save(aggregates)
 
 
 def value_key(record: dict) -> tuple:

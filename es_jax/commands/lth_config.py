@@ -13,6 +13,7 @@ from __future__ import annotations
 import ml_collections
 
 from es_jax.commands import sweep_config
+from es_jax.commands.command_line import mesh_settings
 from es_jax.evaluate import tasks as task_registry
 from es_jax.train import lottery
 
@@ -42,11 +43,15 @@ def default_config() -> ml_collections.ConfigDict:
     config.max_length = 64  # tokens per text
     config.batch_size = 32  # evaluation batch size
     config.data_dir = ""  # '' = the data package's default
+    # Devices along the mesh's data and fsdp axes (es_jax.mesh; -1 = the rest). The fine-tuning
+    # batch_size must be a multiple of the devices of each host.
+    config.mesh = mesh_settings()
     return config
 
 
 TOP_LEVEL_KEYS = frozenset(default_config().keys())
 MODEL_KEYS = frozenset(default_config().model.keys())
+MESH_KEYS = frozenset(default_config().mesh.keys())
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -57,7 +62,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 def with_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
     """The config as it is (variant ''), or shrunk to a smoke run (variant 'tiny'): a tiny random
     BERT with the bundled MiniLM tokenizer, seeds (0, 1), sparsities (0.1, 0.2), 2 fine-tuning
-    steps of 4 texts of 32 tokens."""
+    steps of 8 texts of 32 tokens (8: a batch splits over up to 8 devices)."""
     from es_jax.models import hub
 
     if variant == "tiny":
@@ -65,7 +70,7 @@ def with_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collecti
         config.seeds = (0, 1)
         config.sparsities = (0.1, 0.2)
         config.finetune = ml_collections.ConfigDict(
-            {"num_epochs": 1, "batch_size": 4, "learning_rate": 5e-5, "total_steps": 2}
+            {"num_epochs": 1, "batch_size": 8, "learning_rate": 5e-5, "total_steps": 2}
         )
         config.max_length = 32
         config.batch_size = 8
@@ -91,7 +96,8 @@ def model_entry(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def result_settings(config: ml_collections.ConfigDict) -> dict:
     """What every stored value depends on besides its task and seed: the model, the levels (an
     IMP level depends on the ones before it), the rewind step, fine-tuning, text length, data.
-    Tasks and seeds may change between runs of one workdir: their values are stored apart."""
+    Tasks and seeds may change between runs of one workdir: their values are stored apart, and
+    so may the mesh, which changes values only by float rounding."""
     keys = ("model", "sparsities", "rewind_step", "finetune", "max_length", "batch_size",
             "data_dir")
     plain = {key: config[key] for key in keys}
@@ -104,7 +110,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Refuses, with one line naming the key and what to give instead, unknown keys, a model
     that is not a text classifier, unknown or non-fine-tune tasks, levels that are not strictly
     ascending in (0, 1), a negative rewind step, seeds that are not distinct non-negative
-    integers, unknown or non-positive fine-tuning settings, and non-positive lengths."""
+    integers, unknown or non-positive fine-tuning settings, non-positive lengths, and a mesh
+    that does not fit the devices or does not split the fine-tuning batch over them."""
     unknown = sorted(set(config.keys()) - TOP_LEVEL_KEYS)
     if unknown:
         raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(TOP_LEVEL_KEYS)}.")
@@ -129,6 +136,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name in ("max_length", "batch_size"):
         if config[name] <= 0:
             raise ValueError(f"{name}={config[name]} must be positive.")
+    check_mesh(config)
 
 
 def check_tasks(tasks: tuple[str, ...]) -> None:
@@ -176,3 +184,23 @@ def check_finetune(config: ml_collections.ConfigDict) -> None:
     if overrides.get("total_steps", 0) < 0:
         raise ValueError(f"finetune.total_steps={overrides['total_steps']} is negative; give "
                          "0 (every batch of the epochs) or a step count.")
+
+
+def check_mesh(config: ml_collections.ConfigDict) -> None:
+    """Refuses unknown mesh keys, a mesh that does not fit the devices (`mesh.mesh_shape`), and
+    a fine-tuning batch size that does not split over this host's devices (each host fine-tunes
+    on batches of its own records: `finetune.finetune(..., mesh=)`)."""
+    import jax
+
+    from es_jax import mesh
+
+    extra = sorted(set(config.mesh.keys()) - MESH_KEYS)
+    if extra:
+        raise ValueError(f"mesh: unknown keys {extra}; known: {sorted(MESH_KEYS)}.")
+    mesh.mesh_shape(int(config.mesh.data), int(config.mesh.fsdp), jax.device_count())
+    devices = jax.local_device_count()
+    for task in config.tasks:
+        batch_size = sweep_config.finetune_config(task, model_entry(config)).batch_size
+        if batch_size % devices:
+            raise ValueError(f"finetune.batch_size={batch_size} does not split over the {devices} "
+                             f"devices of this host; give a multiple of {devices}.")

@@ -6,10 +6,14 @@ the batches from iterating `train_ds` from its start, so every sparsity level of
 same head initialisation, dropout stream and data order; only the mask differs. The train step
 is jitted at module level with the mask in the optimizer state, so it compiles once for all
 levels of one model and config.
+
+On a device mesh (`mesh=`, `es_jax.mesh`), the parameters, optimizer state and mask are sharded by
+`mesh.state_shardings` (FSDP along `fsdp`, or replicated), each batch is split along its rows
+over every device, and the step is jitted with those shardings; its values equal those of the
+run on one device up to float rounding (the batch sums are reduced in another order).
 """
 
 import dataclasses
-import functools
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -19,8 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from es_jax import pruning
+from es_jax.mesh import batch_sharding, global_batch, replicated, shard, state_shardings
 from es_jax.train.masked import keep_pruned_zero
 
 PyTree = Any
@@ -131,8 +137,7 @@ def batch_loss(model: nnx.Module, batch: Mapping[str, jax.Array], objective: str
     return weighted_cross_entropy(outputs, batch["label"], weights)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config", "total_steps"))
-def train_step(
+def finetune_step(
     graphdef: nnx.GraphDef,
     config: FinetuneConfig,
     params: nnx.State,
@@ -149,6 +154,46 @@ def train_step(
     tx = optimizer(config, total_steps, mask=None)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), new_rest, opt_state, loss
+
+
+STATIC_ARGNUMS = (0, 1, 6)  # graphdef, config, total_steps
+train_step = jax.jit(finetune_step, static_argnums=STATIC_ARGNUMS)
+
+
+def sharded_step(mesh: Mesh, params: nnx.State, rest: nnx.State,
+                 opt_state: optax.OptState) -> Callable:
+    """`finetune_step` jitted for `mesh`: params, other state and optimizer state in and out as
+    `state_shardings` places them, the batch split along its rows, the loss replicated.
+
+    Every call wraps the same `finetune_step` with equal shardings, so jax compiles it once for
+    all the masks of one model, config and mesh."""
+    state = tuple(state_shardings(tree, mesh) for tree in (params, rest, opt_state))
+    return jax.jit(
+        finetune_step,
+        static_argnums=STATIC_ARGNUMS,
+        in_shardings=(*state, batch_sharding(mesh)),
+        out_shardings=(*state, replicated(mesh)),
+    )
+
+
+def on_mesh(tree: PyTree, mesh: Mesh | None) -> PyTree:
+    """`tree` sharded over `mesh` by `state_shardings` (None leaves stay None); as it is when
+    `mesh` is None."""
+    return tree if mesh is None else shard(tree, mesh)
+
+
+def host_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """This host's rows of a batch as global arrays split along their rows over the mesh's
+    devices (`mesh.global_batch`); ValueError when they do not split evenly over this host's."""
+    rows = len(next(iter(batch.values())))
+    devices = len(mesh.local_devices)
+    if rows % devices:
+        raise ValueError(
+            f"a fine-tuning batch of {rows} rows does not split over the mesh's {devices} "
+            f"devices on this host; set the fine-tuning batch_size to a multiple of {devices}"
+        )
+    return global_batch({key: np.asarray(value) for key, value in batch.items()},
+                        batch_sharding(mesh))
 
 
 def run_steps(train_ds: Iterable, config: FinetuneConfig) -> int:
@@ -170,6 +215,7 @@ def finetune(
     config: FinetuneConfig,
     seed: int,
     stop_after: int | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[nnx.Module, np.ndarray]:
     """Fine-tune `model_fn(nnx.Rngs(seed))` on `train_ds` with the pruned weights fixed at zero.
 
@@ -179,19 +225,29 @@ def finetune(
     stops after the first k of them, the schedule still spanning all: the weights at step k of
     the same run (a lottery ticket's rewind point). Returns the trained model in eval mode and
     the per-step losses.
+
+    With a `mesh`, the parameters, optimizer state and mask are sharded over it
+    (`state_shardings`), as are the returned model's parameters; `train_ds` yields this host's
+    rows of each batch (all of them on one host; `es_jax.data` shards records over hosts), and
+    they must split evenly over the host's devices.
     """
     model = model_fn(nnx.Rngs(seed))
     model.train()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     if params_mask is None:
         params_mask = jax.tree.map(lambda _: None, params)
-    params = pruning.apply(params, params_mask)
+    params_mask = on_mesh(params_mask, mesh)
+    params = on_mesh(pruning.apply(params, params_mask), mesh)
+    rest = on_mesh(rest, mesh)
     total_steps = run_steps(train_ds, config)
     steps = total_steps if stop_after is None else min(stop_after, total_steps)
-    opt_state = optimizer(config, total_steps, params_mask).init(params)
+    opt_state = on_mesh(optimizer(config, total_steps, params_mask).init(params), mesh)
+    step_fn = train_step if mesh is None else sharded_step(mesh, params, rest, opt_state)
     losses = []
     for _, batch in zip(range(steps), train_ds, strict=False):
-        params, rest, opt_state, loss = train_step(
+        if mesh is not None:
+            batch = host_batch(batch, mesh)
+        params, rest, opt_state, loss = step_fn(
             graphdef, config, params, rest, opt_state, batch, total_steps
         )
         losses.append(loss)

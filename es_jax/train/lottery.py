@@ -34,6 +34,12 @@ never interrupted: fine-tuning is deterministic given the seed and the data orde
 written with other settings is refused, naming each difference; a round that cannot be read back
 as saved raises `checkpointing.UnreadableCheckpoint` naming it (move it and the rounds after it
 aside to compute them again).
+
+With a `mesh` (`es_jax.mesh`), every fine-tuning runs on it (`finetune.finetune(..., mesh=)`) and
+the masks, the parameters they are pruned from and the rewind point are sharded like the
+parameters (`mesh.state_shardings`); the pruning is global and exact over the sharded arrays, so
+the masks are those of the run on one device, as long as float rounding of the fine-tuned
+weights does not reorder two magnitudes at a threshold.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import Mesh
 
 from es_jax import pruning
 from es_jax.train import checkpointing, finetune
@@ -104,6 +111,7 @@ def imp(
     config: ImpConfig,
     evaluate: Evaluate | None = None,
     checkpoint_dir: str | Path | None = None,
+    mesh: Mesh | None = None,
 ) -> list[Round]:
     """Runs (or resumes) IMP as the module docstring orders it; returns rounds 0..R.
 
@@ -111,10 +119,12 @@ def imp(
     `finetune` takes it; `train_ds` is what `finetune` iterates, from its start in every round
     (a list or a grain dataset, not a one-pass iterator); `evaluate(params)` scores a fine-tuned
     model's `nnx.state(model, nnx.Param)`. With `checkpoint_dir`, each round is saved there as
-    it finishes, and the rounds found there are read back instead of being run again.
+    it finishes, and the rounds found there are read back instead of being run again. With a
+    `mesh`, the rounds are fine-tuned on it and their masks sharded like the parameters.
     """
-    params = nnx.state(model_fn(nnx.Rngs(config.seed)), nnx.Param)
-    dense = pruning.unstructured(pruning.magnitude(params, where=config.where), 0.0)
+    params = finetune.on_mesh(nnx.state(model_fn(nnx.Rngs(config.seed)), nnx.Param), mesh)
+    dense = finetune.on_mesh(
+        pruning.unstructured(pruning.magnitude(params, where=config.where), 0.0), mesh)
     steps = finetune.run_steps(train_ds, config.finetune)
     check_config(config, steps)
     levels = (0.0, *config.sparsities)
@@ -122,20 +132,21 @@ def imp(
     if checkpoint_dir is not None:
         settings = run_settings(config, dense, steps, evaluated=evaluate is not None)
         manager = open_rounds(checkpoint_dir, settings)
-        rounds, mask, rewind = read_rounds(manager, params, levels)
+        rounds, mask, rewind = read_rounds(manager, params, levels, mesh)
     try:
         for index in range(len(rounds), len(levels)):
             if index == 0:
                 mask = dense
                 if config.rewind_step > 0:
-                    rewind = rewind_weights(model_fn, dense, train_ds, config)
+                    rewind = rewind_weights(model_fn, dense, train_ds, config, mesh)
             start = model_fn if rewind is None or index == 0 else rewound(model_fn, rewind)
             trained, losses = finetune.finetune(start, mask, train_ds, config.finetune,
-                                                config.seed)
+                                                config.seed, mesh=mesh)
             trained_params = nnx.state(trained, nnx.Param)
             metric = None if evaluate is None else float(evaluate(trained_params))
             last = index + 1 == len(levels)
-            next_mask = None if last else prune_further(trained_params, mask, levels[index + 1])
+            next_mask = None if last else finetune.on_mesh(
+                prune_further(trained_params, mask, levels[index + 1]), mesh)
             finished = Round(index, levels[index], mask, metric, losses)
             if manager is not None:
                 save_round(manager, finished, next_mask, rewind if index == 0 else None)
@@ -173,13 +184,13 @@ def prune_further(params: PyTree, mask: PyTree, sparsity: float) -> PyTree:
 
 
 def rewind_weights(model_fn: ModelFn, mask: PyTree, train_ds: Iterable[Mapping[str, np.ndarray]],
-                   config: ImpConfig) -> nnx.State:
+                   config: ImpConfig, mesh: Mesh | None = None) -> nnx.State:
     """The parameters after the first `config.rewind_step` steps of
-    `finetune(model_fn, mask, train_ds, config.finetune, config.seed)`: its model, optimizer,
-    schedule (over all of its steps), dropout stream and batches, stopped early."""
+    `finetune(model_fn, mask, train_ds, config.finetune, config.seed, mesh=mesh)`: its model,
+    optimizer, schedule (over all of its steps), dropout stream and batches, stopped early."""
     check_config(config, finetune.run_steps(train_ds, config.finetune))
     model, _ = finetune.finetune(model_fn, mask, train_ds, config.finetune, config.seed,
-                                 stop_after=config.rewind_step)
+                                 stop_after=config.rewind_step, mesh=mesh)
     return nnx.state(model, nnx.Param)
 
 
@@ -245,10 +256,12 @@ def save_round(manager: ocp.CheckpointManager, finished: Round, next_mask: PyTre
     checkpointing.save(manager, finished.index, tree, None)
 
 
-def read_rounds(manager: ocp.CheckpointManager, params: nnx.State,
-                levels: tuple[float, ...]) -> tuple[list[Round], PyTree | None, nnx.State | None]:
+def read_rounds(manager: ocp.CheckpointManager, params: nnx.State, levels: tuple[float, ...],
+                mesh: Mesh | None = None,
+                ) -> tuple[list[Round], PyTree | None, nnx.State | None]:
     """The rounds saved by `manager`, the mask of the round after them (None if none is saved)
-    and the rewind point (None: the pre-trained weights), trees of `params`' structure."""
+    and the rewind point (None: the pre-trained weights), trees of `params`' structure (sharded
+    over `mesh` like the parameters, when given)."""
     steps = sorted(manager.all_steps())
     if steps != list(range(len(steps))):
         missing = sorted(set(range(max(steps) + 1)) - set(steps))
@@ -259,11 +272,12 @@ def read_rounds(manager: ocp.CheckpointManager, params: nnx.State,
     for index in steps:
         tree = checkpointing.read_state(manager.directory, index)
         metric = float(tree["metric"]) if "metric" in tree else None
-        mask = from_paths(params, tree["mask"])
+        mask = finetune.on_mesh(from_paths(params, tree["mask"]), mesh)
         rounds.append(Round(index, levels[index], mask, metric, tree["losses"]))
-        next_mask = from_paths(params, tree["next_mask"]) if "next_mask" in tree else None
+        next_mask = (finetune.on_mesh(from_paths(params, tree["next_mask"]), mesh)
+                     if "next_mask" in tree else None)
         if "rewind" in tree:
-            rewind = from_paths(params, tree["rewind"])
+            rewind = finetune.on_mesh(from_paths(params, tree["rewind"]), mesh)
     return rounds, next_mask, rewind
 
 

@@ -18,13 +18,14 @@ COMPONENTS = ("attention/query", "attention/key", "attention/value", "attention/
 STEPS = (0, 10, 20, 30)
 
 
-def bert_like_params(seed: int, tiny: dict[str, int]) -> dict:
+def bert_like_params(seed: int, tiny: dict[str, int], hidden: int = HIDDEN,
+                     ffn: int = FFN) -> dict:
     """A BERT-shaped parameter tree with `tiny[path]` weights of each target set to 1e-5."""
     rng = np.random.default_rng(seed)
     layers = {}
     for layer in range(LAYERS):
-        shapes = {f"attention/{n}": (HIDDEN, HIDDEN) for n in ("query", "key", "value", "out")}
-        shapes |= {"mlp/up": (HIDDEN, FFN), "mlp/down": (FFN, HIDDEN)}
+        shapes = {f"attention/{n}": (hidden, hidden) for n in ("query", "key", "value", "out")}
+        shapes |= {"mlp/up": (hidden, ffn), "mlp/down": (ffn, hidden)}
         block: dict = {"attention": {}, "mlp": {}}
         for name, shape in shapes.items():
             kernel = rng.uniform(0.1, 1.0, size=shape).astype(np.float32)
@@ -33,7 +34,7 @@ def bert_like_params(seed: int, tiny: dict[str, int]) -> dict:
             group, leaf = name.split("/")
             block[group][leaf] = {"kernel": kernel, "bias": np.zeros(shape[1], np.float32)}
         layers[str(layer)] = block
-    embeddings = {"word_embeddings": {"embedding": rng.normal(size=(32, HIDDEN))}}
+    embeddings = {"word_embeddings": {"embedding": rng.normal(size=(32, hidden))}}
     return {"bert": {"embeddings": jax.tree.map(np.float32, embeddings),
                      "encoder": {"layers": layers}}}
 
@@ -151,6 +152,40 @@ def test_the_analysis_reads_through_any_reader(runs, tmp_path):
     assert result["label"] == f"{tmp_path.name} (data 60%)"
     assert result["steps"] == report["runs"][0]["steps"]
     assert json.loads((tmp_path / emergence.RESULTS_FILE).read_text()) == result
+
+
+def test_analysis_on_a_4x2_mesh_equals_one_device(tmp_path, monkeypatch):
+    from jax.sharding import NamedSharding
+
+    from es_jax import mesh as meshes
+
+    mesh = meshes.make_mesh(4, 2)
+    kept, real_held = [], emergence.held
+
+    def held(masks, on):
+        kept.append(real_held(masks, on))
+        return kept[-1]
+
+    monkeypatch.setattr(emergence, "held", held)
+
+    def analysed(name, on):
+        """One run of wide kernels (64 x 128: split along fsdp), analysed on `on`."""
+        run = MemoryRun(tmp_path / name, list(STEPS), {},
+                        lambda step: bert_like_params(step, tiny_counts(step), 64, 128))
+        run.directory.mkdir()
+        return emergence.analyse_run(run, thresholds=(1e-4, 1e-2), relative_thresholds=(0.01, 0.5),
+                                     sparsities=(0.1, 0.5), mesh=on)
+
+    single, sharded = analysed("single", None), analysed("sharded", mesh)
+    assert sharded["steps"] == single["steps"]
+    assert sharded["transitions"] == single["transitions"]
+    assert single["steps"][-1]["near_zero"]["target"][0] == 80 / (2 * (4 * 64 * 64 + 2 * 64 * 128))
+    masks = jax.tree.leaves(kept[len(kept) // 2:])  # the sharded run's: final, then each step's
+    assert len(masks) == (1 + len(STEPS)) * 2 * LAYERS * 6  # 2 sparsities x 6 kernels a layer
+    for mask in masks:
+        spec = meshes.leaf_spec(mask.shape, 2)
+        assert meshes.FSDP_AXIS in spec  # every target kernel is split along fsdp
+        assert mask.sharding.is_equivalent_to(NamedSharding(mesh, spec), mask.ndim)
 
 
 def cut_short(checkpoint: Path) -> None:

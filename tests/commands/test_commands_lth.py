@@ -142,6 +142,9 @@ def test_killed_run_resumes_to_the_values_of_an_uninterrupted_one(finished, tmp_
         ("finetune.learning_rate", 0.0, "finetune.learning_rate=0.0 must be positive"),
         ("finetune.warmup", 3, "finetune: unknown fine-tuning settings \\['warmup'\\]"),
         ("model.tiny.model_type", "vit", "a vit model cannot be fine-tuned on 'pang_lee'"),
+        ("mesh.fsdp", 3, "config.mesh: 3 does not divide the 8 devices"),
+        ("mesh.data", 3, "config.mesh: data=3 x fsdp=1 is not the 8 devices"),
+        ("finetune.batch_size", 12, "finetune.batch_size=12 does not split over the 8 devices"),
     ],
 )
 def test_bad_config_values_are_refused_in_one_line(key, value, message, tmp_path):

@@ -97,9 +97,9 @@ def count_finetunes(monkeypatch):
     """A list that gets the sparsity of every mask `finetune` is called with from now on."""
     calls, real = [], ft.finetune
 
-    def counted(model_fn, mask, *args):
+    def counted(model_fn, mask, *args, **kwargs):
         calls.append(1 - kept(mask).mean())
-        return real(model_fn, mask, *args)
+        return real(model_fn, mask, *args, **kwargs)
 
     monkeypatch.setattr(ft, "finetune", counted)
     return calls
@@ -155,10 +155,10 @@ def test_survivors_restart_from_the_rewind_point(rewind_step, monkeypatch):
     config = dataclasses.replace(IMP, sparsities=(0.3, 0.5), rewind_step=rewind_step)
     starts, real = [], ft.finetune
 
-    def recording(model_fn, mask, *args, stop_after=None):
+    def recording(model_fn, mask, *args, stop_after=None, **kwargs):
         if stop_after is None:  # a round's fine-tuning, not the run to the rewind point
             starts.append((nnx.state(model_fn(nnx.Rngs(IMP.seed)), nnx.Param), mask))
-        return real(model_fn, mask, *args, stop_after=stop_after)
+        return real(model_fn, mask, *args, stop_after=stop_after, **kwargs)
 
     monkeypatch.setattr(ft, "finetune", recording)
     rounds = run(config=config)
