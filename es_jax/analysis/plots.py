@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import textwrap
 import warnings
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import matplotlib
@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from etils import epath
 
 if TYPE_CHECKING:
     from es_jax.models import Family
@@ -32,7 +33,7 @@ def panel_grid(count: int, columns: int) -> tuple[int, int]:
     return math.ceil(count / columns), columns
 
 
-def plot_drops(runs: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+def plot_drops(runs: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> epath.Path:
     """One panel per (checkpoint, task): drop vs sparsity per (pattern, scorer), essential marked.
 
     Runs of model entries that load the same checkpoint share a panel (their curves are labelled
@@ -92,8 +93,8 @@ def plot_drops(runs: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
 
 
 def plot_layer_sparsity(
-    leaf_sparsity: Mapping[str, float], family: Family, path: str | Path, title: str = ""
-) -> Path:
+    leaf_sparsity: Mapping[str, float], family: Family, path: str | os.PathLike, title: str = ""
+) -> epath.Path:
     """Bars of each target matrix's sparsity, grouped by block and coloured by component (the
     model's family reads a path's block and component)."""
     layer_of, component_of = family.layer_of, family.component_of
@@ -116,14 +117,15 @@ def plot_layer_sparsity(
 
 
 def plot_mask(
-    params: Any, mask: Any, family: Family, directory: Path, name: str, title: str
-) -> list[Path]:
+    params: Any, mask: Any, family: Family, directory: str | os.PathLike, name: str, title: str
+) -> list[epath.Path]:
     """`layers_NAME.png` (each target matrix's sparsity) and `components_NAME.png` (the paper's
     Figure 1 view) of one mask over the parameters of a model of `family`, its target set."""
     import jax
 
     from es_jax import pruning
 
+    directory = epath.Path(directory)
     report = pruning.report(pruning.apply(params, mask), where=family.PRUNABLE)
     leaf_sparsity = {
         path: float(leaf["sparsity"]) for path, leaf in report["leaves"].items() if leaf["target"]
@@ -156,10 +158,10 @@ def pruned_density(mask: np.ndarray, max_pixels: int = 192) -> np.ndarray:
 def plot_component_masks(
     masks: Mapping[str, np.ndarray],
     family: Family,
-    path: str | Path,
+    path: str | os.PathLike,
     title: str = "",
     max_layers: int = 6,
-) -> Path:
+) -> epath.Path:
     """The paper's Figure 1 view: each component's keep-mask, pruned weights bright.
 
     Rows are blocks (at most `max_layers`, evenly spaced), columns are components (q, k, v, out,
@@ -198,7 +200,9 @@ def plot_component_masks(
     return save_figure(figure, path)
 
 
-def plot_training_loss(log_path: str | Path, path: str | Path, title: str = "") -> Path | None:
+def plot_training_loss(
+    log_path: str | os.PathLike, path: str | os.PathLike, title: str = ""
+) -> epath.Path | None:
     """The training loss against step, from a run's `train_log.jsonl`; None if nothing is logged.
 
     A step logged twice (a run resumed from before it) is drawn with its last record.
@@ -216,13 +220,13 @@ def plot_training_loss(log_path: str | Path, path: str | Path, title: str = "") 
     return save_figure(figure, path)
 
 
-def training_records(log_path: str | Path) -> list[dict[str, Any]]:
+def training_records(log_path: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of a JSON-lines training log by step, the last of each step; [] if absent.
 
     A line that is not a complete JSON record (its write was cut short by a kill, and later
     records were appended on the lines after it) is skipped with a warning naming it.
     """
-    log_path = Path(log_path)
+    log_path = epath.Path(log_path)
     lines = log_path.read_text().splitlines() if log_path.exists() else []
     by_step = {}
     for number, line in enumerate(lines, start=1):
@@ -238,10 +242,12 @@ def training_records(log_path: str | Path) -> list[dict[str, Any]]:
     return [by_step[step] for step in sorted(by_step)]
 
 
-def save_figure(figure: plt.Figure, path: str | Path) -> Path:
-    """Writes the figure as PNG and closes it."""
-    path = Path(path)
+def save_figure(figure: plt.Figure, path: str | os.PathLike) -> epath.Path:
+    """Writes the figure as PNG (a local path or a bucket URL, through etils.epath) and closes
+    it."""
+    path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    with path.open("wb") as file:
+        figure.savefig(file, format="png", dpi=110)
     plt.close(figure)
     return path

@@ -18,6 +18,7 @@ import copy
 import difflib
 import importlib.util
 import os
+import re
 import sys
 import tempfile
 import traceback
@@ -28,10 +29,13 @@ from typing import NamedTuple
 
 import ml_collections
 from absl import flags
+from etils import epath
 from ml_collections import config_flags
 
 CONFIG_PREFIX = "--config."
 CONFIG_MODULE = "es_jax_config_file"  # the name a loaded config file's module runs under
+BUCKET_URL = re.compile(r"(gs|s3|az)://[^/]+(/.*)?")  # workdirs on buckets, as etils.epath reads
+BUCKET_TYPO = re.compile(r"(gs|s3|az):/(?!/)")  # gs:/bucket: a URL that lost a slash
 
 
 class UsageError(ValueError):
@@ -42,7 +46,7 @@ class CommandLine(NamedTuple):
     """What a command runs on: its config (overrides applied) and its working directory."""
 
     config: ml_collections.ConfigDict
-    workdir: Path
+    workdir: epath.Path
 
 
 def parse(
@@ -272,18 +276,20 @@ def check_tuple_types(config: ml_collections.ConfigDict, overrides: dict[str, ob
 # The working directory.
 
 
-def check_workdir(workdir: str | os.PathLike) -> Path:
-    """`workdir` as a Path once it is a writable directory or can be created; UsageError if not.
+def check_workdir(workdir: str | os.PathLike) -> epath.Path:
+    """`workdir` as an `etils.epath.Path` once it is a writable directory or can be created;
+    UsageError if not.
 
-    Nothing is created: a missing workdir's nearest existing parent must be a writable
-    directory. URLs (gs://...) are passed through unchecked.
+    Nothing is created: a missing local workdir's nearest existing parent must be a writable
+    directory. A bucket URL (`gs://BUCKET/PATH`, or s3:// or az://) is kept exactly as given,
+    its form checked (`check_bucket_url`) but not its bucket, which may be out of reach here.
     """
     name = os.fspath(workdir)
-    path = Path(name).expanduser()
     if not name.strip():
         raise UsageError("--workdir is empty; give the directory where results go.")
-    if "://" in name:
-        return path
+    if "://" in name or BUCKET_TYPO.match(name):
+        return epath.Path(check_bucket_url(name))
+    path = Path(name).expanduser()
     if path.exists() and not path.is_dir():
         raise UsageError(
             f"--workdir {name}: is a file, not a directory; give a directory (it is created "
@@ -302,7 +308,18 @@ def check_workdir(workdir: str | os.PathLike) -> Path:
             f"--workdir {name}: {where}is not writable ({problem}); give a directory you can "
             "write to."
         )
-    return path
+    return epath.Path(path)
+
+
+def check_bucket_url(name: str) -> str:
+    """`name` if it is a bucket URL `SCHEME://BUCKET[/PATH]` of a scheme `etils.epath` writes
+    (gs, s3, az); UsageError naming it if not (another scheme, no bucket, one slash)."""
+    if not BUCKET_URL.fullmatch(name):
+        raise UsageError(
+            f"--workdir {name}: not a bucket URL; give a local directory or "
+            "gs://BUCKET/PATH (or s3://, az://)."
+        )
+    return name
 
 
 def nearest_existing(path: Path) -> Path:

@@ -11,14 +11,15 @@ accuracy), `train_log.jsonl` and `loss.png`. A workdir that holds another
 config is refused unless `--config.force=True`, and a refused command writes nothing there. A run
 whose loss, gradient norm or weights become NaN or inf stops with one line naming the step, and
 none of its checkpoints holds such weights. Every host of a pod runs the same command
-(`--config.distributed=True`).
+(`--config.distributed=True`); a preempted pod saves the step it stopped at and resumes from it.
+`--workdir` may be a `gs://` URL.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -37,12 +38,12 @@ def main(argv: Sequence[str]) -> None:
     print(json.dumps({k: v for k, v in summary.items() if k != "checkpoints"}))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     """Pre-trains (or resumes) to `config.total_steps`; the loss plot; returns the summary."""
     from es_jax.analysis import plots
-    from es_jax.train import pretrain
+    from es_jax.train import checkpointing, pretrain
 
-    workdir = command_line.check_workdir(workdir).absolute()
+    workdir = checkpointing.as_path(command_line.check_workdir(workdir))
     summary = pretrain.train_and_evaluate(config, workdir)
     if jax.process_index() == 0:
         plots.plot_training_loss(workdir / pretrain.LOG_FILE, workdir / "loss.png", workdir.name)

@@ -4,14 +4,15 @@
     model, _ = load_checkpoint_model("runs/dino@5000", task="classification", num_labels=10)
     params, where, label = checkpoint_params("runs/smoke@10")    # backbone weights, target set
 
-A source is a pre-training run's directory (what `es-jax pretrain --workdir` was given: it holds
-`checkpoints/` and `config.json`), `RUN_DIR` for its newest readable checkpoint or `RUN_DIR@STEP`
-for a saved step. The run's trained model (by the stored config's `objective`: "mlm" (runs stored
-before the key existed), "supervised" or "dino") is rebuilt from its config and filled from the
-checkpoint's `state["params"]`, then written out through the family's Hugging Face name map
-(`export_hf_tensors`) and loaded back by `models.hub.from_hf` exactly as a hub checkpoint is: the
-heads the checkpoint holds are kept, new heads start from the family's initialiser seeded by
-`seed`. What each objective's checkpoint holds as a Hugging Face model:
+A source is a pre-training run's directory (what `es-jax pretrain --workdir` was given, local or
+a `gs://` URL: it holds `checkpoints/` and `config.json`), `RUN_DIR` for its newest readable
+checkpoint or `RUN_DIR@STEP` for a saved step. The run's trained model (by the stored config's
+`objective`: "mlm" (runs stored before the key existed), "supervised" or "dino") is rebuilt from
+its config and filled from the checkpoint's `state["params"]`, then written out through the
+family's Hugging Face name map (`export_hf_tensors`) and loaded back by `models.hub.from_hf`
+exactly as a hub checkpoint is: the heads the checkpoint holds are kept, new heads start from the
+family's initialiser seeded by `seed`. What each objective's checkpoint holds as a Hugging Face
+model:
 
 - mlm: the `BertForMaskedLM` (encoder and MLM head); the tokenizer is the run's (its cached
   WordPiece vocabulary `tokenizer.json`, or the hub tokenizer its config names).
@@ -32,13 +33,13 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from es_jax import pruning
@@ -51,7 +52,7 @@ SOURCE_FORM = "RUN_DIR or RUN_DIR@STEP, RUN_DIR being a pre-training run's --wor
 class RunSource(NamedTuple):
     """A parsed source: the run's directory and the step asked for (None: the newest readable)."""
 
-    run_dir: Path
+    run_dir: epath.Path
     step: int | None
 
 
@@ -126,7 +127,7 @@ def parse_source(source: str) -> RunSource:
                          f"({SOURCE_FORM}).")
     if not run_dir.strip():
         raise ValueError(f"{text!r} names no run directory; give {SOURCE_FORM}.")
-    return RunSource(Path(run_dir).expanduser(), int(step) if step else None)
+    return RunSource(run_path(run_dir), int(step) if step else None)
 
 
 def is_run(source: str) -> bool:
@@ -135,7 +136,13 @@ def is_run(source: str) -> bool:
     text = str(source)
     if re.search(r"@\d+$", text):
         return True
-    return checkpointing.checkpoint_dir(Path(text).expanduser()).is_dir()
+    return checkpointing.checkpoint_dir(run_path(text)).is_dir()
+
+
+def run_path(text: str) -> epath.Path:
+    """A run directory as given: a URL (gs://bucket/run) exactly, a local path with `~`
+    expanded."""
+    return epath.Path(text) if checkpointing.is_url(text) else epath.Path(text).expanduser()
 
 
 def hf_checkpoint(source: str, num_labels: int | None, backbone_only: bool = False) -> HfCheckpoint:
@@ -221,7 +228,7 @@ def objective_of(run: checkpointing.RunReader) -> str:
 # The trained model of each objective.
 
 
-def mlm_model(config: ml_collections.ConfigDict, run_dir: Path, params: Any,
+def mlm_model(config: ml_collections.ConfigDict, run_dir: epath.Path, params: Any,
               label: str) -> tuple[nnx.Module, Any]:
     """The run's BertForMaskedLM filled from `params`, and the run's tokenizer."""
     from es_jax.models import bert

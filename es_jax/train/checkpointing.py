@@ -9,6 +9,17 @@ takes the one before it; readers of finished runs skip it. Checkpoints saved bef
 existed are read unchecked. The run's config is stored beside the checkpoints, and a different
 config pointed at the same directory is refused unless forced.
 
+Directories may be local or `gs://` URLs: every path here is an `etils.epath.Path`, as Orbax's own
+(`as_path`), so a bucket path reaches Orbax intact. Orbax decides which steps are saved
+(`open_manager`): the scheduled ones, and the step that `jax.distributed`'s preemption service
+agrees on once a host is told it will be preempted, so a preempted run saves where it stopped.
+
+On many hosts every host restores the same step (host 0 proposes each step in turn) and a
+checkpoint is moved aside only when no host can read it (`verdict` of every host's attempt); one
+that some hosts read and others do not is left in place and the one before it is taken. Each host
+reads its part without waiting for the others (no barrier a failing host could skip), so hosts
+that disagree never deadlock.
+
 Checksums are computed by the devices that hold the arrays (`state_checksums`: one jitted pass,
 summed across devices and hosts by XLA), so on many hosts every array is covered whatever its
 sharding, every host gets the same answer, and host 0 writes them (a small JSON item of the same
@@ -23,20 +34,24 @@ host numpy arrays, whatever devices or sharding they were saved with.
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
+import os
 import re
-import shutil
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from functools import partial
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from grain import checkpoint as grain_checkpoint
+from jax.experimental import multihost_utils
+
+from es_jax.mesh import sync_hosts
 
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "corrupt_checkpoints"
@@ -49,9 +64,22 @@ _LANE_SEEDS = (0x243F6A88, 0x85A308D3)
 class UnreadableCheckpoint(OSError):
     """A checkpoint that cannot be read back as saved: files missing, cut short, or altered."""
 
-    def __init__(self, path: str | Path, reason: str):
+    def __init__(self, path: str | os.PathLike, reason: str):
         super().__init__(f"Checkpoint {path} could not be read ({reason})")
-        self.path, self.reason = Path(path), reason
+        self.path, self.reason = epath.Path(path), reason
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """`path` as an `epath.Path`: a URL (gs://bucket/...) exactly as given, a local path with `~`
+    expanded and made absolute (as Orbax wants its directories)."""
+    if is_url(path):
+        return epath.Path(path)
+    return epath.Path(path).expanduser().absolute()
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """Whether `path` is a URL (`SCHEME://...`, e.g. gs://bucket/run), not a local path."""
+    return re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", os.fspath(path)) is not None
 
 
 class IteratorStateSnapshot:
@@ -85,58 +113,64 @@ def checkpoint_steps(total_steps: int, every: int, log_spaced: int = 0) -> list[
     return sorted(steps)
 
 
-def open_manager(directory: str | Path, async_save: bool = True) -> ocp.CheckpointManager:
-    """A manager that keeps every checkpoint and saves in the background."""
+def open_manager(
+    directory: str | os.PathLike,
+    async_save: bool = True,
+    save_steps: Collection[int] | None = None,
+) -> ocp.CheckpointManager:
+    """A manager of the checkpoints in `directory` (local or gs://) that keeps every checkpoint
+    and saves in the background; Orbax's save policy (`save_policy(save_steps)`) decides which
+    steps `save` writes."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None,
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
         create=True,
+        save_decision_policy=save_policy(save_steps),
     )
-    return ocp.CheckpointManager(
-        Path(directory).absolute(),
-        options=options,
-        item_handlers={
-            "state": ocp.StandardCheckpointHandler(),
-            "data": grain_checkpoint.CheckpointHandler(),
-            CHECKSUM_ITEM: ocp.JsonCheckpointHandler(),
-        },
-    )
+    return ocp.CheckpointManager(as_path(directory), options=options,
+                                 item_handlers=_item_handlers())
+
+
+def save_policy(save_steps: Collection[int] | None) -> ocp.checkpoint_managers.AnySavePolicy:
+    """Saves the steps of `save_steps` (None: any step after the newest saved one) and the step a
+    preemption was announced for: the sync point `jax.distributed`'s preemption service sets once
+    any host receives SIGTERM, the same step on every host (needs `jax.distributed.initialize`)."""
+    policies = ocp.checkpoint_managers
+    scheduled = (policies.FixedIntervalPolicy(1) if save_steps is None
+                 else policies.SpecificStepsPolicy(frozenset(save_steps)))
+    return policies.AnySavePolicy([scheduled, policies.PreemptionCheckpointingPolicy()])
+
+
+def _item_handlers() -> dict[str, Any]:
+    """The handler of each item of a checkpoint: train state, data-iterator state, checksums."""
+    return {
+        "state": ocp.StandardCheckpointHandler(),
+        "data": grain_checkpoint.CheckpointHandler(),
+        CHECKSUM_ITEM: ocp.JsonCheckpointHandler(),
+    }
 
 
 def save(
     manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict[str, Any] | None
-) -> None:
-    """Starts saving the train state, its checksums and this host's data-iterator state at `step`.
+) -> bool:
+    """Starts saving the train state, its checksums and this host's data-iterator state at `step`
+    if the manager's save policy asks for it (a scheduled step, or the step a preemption was
+    announced for, and newer than the newest saved); returns whether it did. Every host calls it.
 
     The checksums are read back to the host before Orbax starts: the one wait this adds is for the
     state itself, which Orbax waits for anyway to copy it off the devices.
     """
-    manager.save(
+    if not manager.should_save(step):
+        return False
+    return manager.save(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain_checkpoint.CheckpointSave(IteratorStateSnapshot(data_state)),
             **{CHECKSUM_ITEM: ocp.args.JsonSave(state_checksums(state))},
         ),
-        force=True,
     )
-
-
-def _restore_step(
-    manager: ocp.CheckpointManager, step: int, abstract_state: Any
-) -> tuple[Any, dict[str, Any]]:
-    """Reads one step's train state (checked against its checksums) and data-iterator state."""
-    with _reading(manager, step):
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=grain_checkpoint.CheckpointRestore(IteratorStateSnapshot()),
-            ),
-        )
-        verify_checksums(manager, step, restored["state"])
-    return restored["state"], restored["data"].state
 
 
 # ----------------------------------------------------------------------------- checksums
@@ -158,15 +192,22 @@ def verify_checksums(manager: ocp.CheckpointManager, step: int, tree: Any) -> No
         return
     saved = manager.restore(step, args=ocp.args.Composite(
         **{CHECKSUM_ITEM: ocp.args.JsonRestore()}))[CHECKSUM_ITEM]
-    read = state_checksums(tree)
+    mismatch = checksum_mismatch(saved, state_checksums(tree))
+    if mismatch is not None:
+        raise UnreadableCheckpoint(checkpoint_path(manager, step), mismatch)
+
+
+def checksum_mismatch(saved: dict[str, str] | None, read: dict[str, str]) -> str | None:
+    """Why arrays whose checksums are `read` are not those `saved` (naming up to three), or None
+    if every one matches (or nothing was saved: a checkpoint from before checksums)."""
+    if saved is None:
+        return None
     changed = [path for path, digest in read.items() if saved.get(path) != digest]
-    if changed:
-        raise UnreadableCheckpoint(
-            checkpoint_path(manager, step),
-            f"checksum mismatch: {', '.join(changed[:3])}"
+    if not changed:
+        return None
+    return (f"checksum mismatch: {', '.join(changed[:3])}"
             + (f" and {len(changed) - 3} more arrays" if len(changed) > 3 else "")
-            + " differ from what was saved; its files were altered after saving",
-        )
+            + " differ from what was saved; its files were altered after saving")
 
 
 @jax.jit
@@ -217,9 +258,128 @@ def _mix(x: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- restoring
 
 
-def checkpoint_path(manager: ocp.CheckpointManager, step: int) -> Path:
+class Restored(NamedTuple):
+    """A checkpoint read back for resuming: its step, train state and data-iterator state."""
+
+    step: int
+    state: Any
+    data_state: dict[str, Any] | None
+
+
+class Verdict(enum.Enum):
+    """What the hosts found when each read its part of one checkpoint."""
+
+    READABLE = "every host read it"
+    UNREADABLE = "no host could read it"
+    DISPUTED = "some hosts read it, others could not"
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Restored | None:
+    """The newest checkpoint that every host reads as saved, or None if there is none.
+
+    Every host calls it and gets the same step. Steps are tried newest first, each one host 0
+    proposes; one that no host can read is moved aside (`quarantine`), one that only some hosts
+    can read is left in place with a warning, and the one before it is tried. A step whose
+    metadata names a train state of another layout is a config error (ValueError), not damage.
+    """
+    step = agreed_step(manager.all_steps(), below=None)
+    while step is not None:
+        restored = _restore_agreed(manager, step, abstract_state)
+        if restored is not None:
+            return restored
+        step = agreed_step(manager.all_steps(), below=step)
+    return None
+
+
+def _restore_agreed(
+    manager: ocp.CheckpointManager, step: int, abstract_state: Any
+) -> Restored | None:
+    """Step `step` if every host reads it with arrays matching their checksums; else None, having
+    moved it aside if no host could read it (or warned that hosts disagree)."""
+    try:
+        read, reason = read_step_here(manager, step, abstract_state), None
+    except UnreadableCheckpoint as error:
+        read, reason = None, error.reason
+    readable = each_host(reason is None)
+    if all(readable):  # every host holds its arrays: the checksums can be computed together
+        reason = checksum_mismatch(read.checksums, state_checksums(read.state))
+        readable = each_host(reason is None)
+    decision = verdict(readable)
+    if decision is Verdict.READABLE:
+        return Restored(step, read.state, read.data_state)
+    if any(each_host(other_layout(manager, step, abstract_state))):
+        _refuse_other_layout(manager, step)
+    if decision is Verdict.UNREADABLE:
+        quarantine(manager, step, reason)
+    else:
+        here = "this host read it" if reason is None else f"this host could not: {reason}"
+        warnings.warn(
+            f"Checkpoint {checkpoint_path(manager, step)} was read by hosts "
+            f"{[i for i, ok in enumerate(readable) if ok]} but not by hosts "
+            f"{[i for i, ok in enumerate(readable) if not ok]} ({here}); left it in place and "
+            "resuming from the checkpoint before it.",
+            stacklevel=3,
+        )
+    return None
+
+
+def verdict(readable: Sequence[bool]) -> Verdict:
+    """What hosts that read one checkpoint found, from each host's `readable` flag."""
+    if not readable:
+        raise ValueError("verdict needs the flag of at least one host; got none.")
+    if all(readable):
+        return Verdict.READABLE
+    return Verdict.UNREADABLE if not any(readable) else Verdict.DISPUTED
+
+
+def agreed_step(steps: Iterable[int], below: int | None) -> int | None:
+    """Host 0's newest of its `steps` under `below` (None: of them all), the same on every host;
+    None when host 0 has none left."""
+    mine = newest_below(steps, below)
+    agreed = int(multihost_utils.broadcast_one_to_all(np.int32(-1 if mine is None else mine)))
+    return None if agreed < 0 else agreed
+
+
+def newest_below(steps: Iterable[int], below: int | None) -> int | None:
+    """The largest of `steps` smaller than `below` (None: the largest), or None if there is none."""
+    candidates = [step for step in steps if below is None or step < below]
+    return max(candidates) if candidates else None
+
+
+def each_host(flag: bool) -> list[bool]:
+    """Every host's `flag`, in process order (each host passes its own; all must call it)."""
+    return [bool(f) for f in np.ravel(multihost_utils.process_allgather(np.int32(flag)))]
+
+
+class StepRead(NamedTuple):
+    """This host's part of one checkpoint: train state, data-iterator state, saved checksums (None
+    for a checkpoint saved before checksums existed)."""
+
+    state: Any
+    data_state: dict[str, Any] | None
+    checksums: dict[str, str] | None
+
+
+def read_step_here(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> StepRead:
+    """This host's shards of step `step`'s train state, its data-iterator state and the saved
+    checksums, read without waiting for other hosts (Orbax's item handlers alone, no barrier), not
+    yet checked against the checksums; UnreadableCheckpoint naming it if they cannot be read."""
+    directory = checkpoint_path(manager, step)
+    items = {"state": ocp.args.StandardRestore(abstract_state),
+             "data": grain_checkpoint.CheckpointRestore(IteratorStateSnapshot())}
+    handler = ocp.CompositeCheckpointHandler(**_item_handlers())
+    with _reading(manager, step):
+        if (directory / CHECKSUM_ITEM).exists():
+            items[CHECKSUM_ITEM] = ocp.args.JsonRestore()
+        restored = handler.restore(directory, args=ocp.args.Composite(**items))
+    handler.close()
+    checksums = restored[CHECKSUM_ITEM] if CHECKSUM_ITEM in items else None
+    return StepRead(restored["state"], restored["data"].state, checksums)
+
+
+def checkpoint_path(manager: ocp.CheckpointManager, step: int) -> epath.Path:
     """Where a step's checkpoint lives."""
-    return Path(manager.directory) / str(step)
+    return epath.Path(manager.directory) / str(step)
 
 
 @contextlib.contextmanager
@@ -234,20 +394,22 @@ def _reading(manager: ocp.CheckpointManager, step: int) -> Iterator[None]:
         raise UnreadableCheckpoint(checkpoint_path(manager, step), reason) from error
 
 
-def quarantine(manager: ocp.CheckpointManager, step: int, reason: str) -> Path:
-    """Moves an unreadable step out of the checkpoint directory, warning with its name."""
+def quarantine(manager: ocp.CheckpointManager, step: int, reason: str) -> epath.Path:
+    """Moves an unreadable step out of the checkpoint directory (host 0 moves it, every host waits
+    for that and re-lists the steps), warning with its name. Every host calls it."""
     source = checkpoint_path(manager, step)
-    target_dir = Path(manager.directory).parent / CORRUPT_DIR
-    target = target_dir / str(step)
+    target = epath.Path(manager.directory).parent / CORRUPT_DIR / str(step)
     if jax.process_index() == 0:
-        target_dir.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
-            shutil.rmtree(target)
-        shutil.move(str(source), str(target))
+            target.rmtree()
+        source.rename(target)
+    sync_hosts(f"quarantine {source}")
+    manager.reload()
     warnings.warn(
         f"Checkpoint {source} could not be read ({reason}); moved it to {target} and resuming "
         "from the checkpoint before it.",
-        stacklevel=2,
+        stacklevel=4,
     )
     return target
 
@@ -279,55 +441,41 @@ def saved_layout(manager: ocp.CheckpointManager, step: int) -> list | None:
         return None
 
 
+def other_layout(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> bool:
+    """Whether step `step`'s metadata can be read and names a train state of other shapes or
+    structure than `abstract_state` (a checkpoint of another model, not a damaged one)."""
+    layout = saved_layout(manager, step)
+    return layout is not None and layout != _layout(abstract_state)
+
+
 def check_layout(manager: ocp.CheckpointManager, abstract_state: Any) -> None:
     """Refuses checkpoints of another model: the newest one whose metadata can be read must hold
     a train state of the shapes and structure of `abstract_state` (reads only)."""
     for step in sorted(manager.all_steps(), reverse=True):
         layout = saved_layout(manager, step)
         if layout is not None:
-            _refuse_other_layout(manager, step, layout, abstract_state)
+            if layout != _layout(abstract_state):
+                _refuse_other_layout(manager, step)
             return
 
 
-def _refuse_other_layout(
-    manager: ocp.CheckpointManager, step: int, layout: list, abstract_state: Any
-) -> None:
-    """A ValueError naming the checkpoint if its layout is not that of `abstract_state`."""
-    if layout != _layout(abstract_state):
-        raise ValueError(
-            f"Checkpoint {checkpoint_path(manager, step)} holds a train state of another shape "
-            "or structure than this config builds; it was written with another config. Use "
-            "another --workdir for this config."
-        )
+def _refuse_other_layout(manager: ocp.CheckpointManager, step: int) -> None:
+    """The ValueError for checkpoint `step`, which holds a train state of another model."""
+    raise ValueError(
+        f"Checkpoint {checkpoint_path(manager, step)} holds a train state of another shape "
+        "or structure than this config builds; it was written with another config. Use "
+        "another --workdir for this config."
+    )
 
 
-def restore_latest(
-    manager: ocp.CheckpointManager, abstract_state: Any
-) -> tuple[int, Any, dict[str, Any]] | None:
-    """The newest readable checkpoint as (step, state, data state), or None if there is none."""
-    for step in sorted(manager.all_steps(), reverse=True):
-        try:
-            state, data_state = _restore_step(manager, step, abstract_state)
-        except UnreadableCheckpoint as error:  # any unreadable step is skipped, never fatal...
-            layout = saved_layout(manager, step)
-            if layout is not None:
-                # ...unless it is readable but of another model: that is a config error.
-                _refuse_other_layout(manager, step, layout, abstract_state)
-            quarantine(manager, step, error.reason)
-            manager.reload()
-            continue
-        return step, state, data_state
-    return None
-
-
-def open_reader(directory: str | Path) -> ocp.CheckpointManager:
+def open_reader(directory: str | os.PathLike) -> ocp.CheckpointManager:
     """A read-only manager over the checkpoints in `directory`, for reading them as pytrees.
 
     The data item is named with its handler although readers never restore it: Orbax otherwise
     warns about it once per checkpoint.
     """
     return ocp.CheckpointManager(
-        Path(directory).absolute(),
+        as_path(directory),
         options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
         item_handlers={"state": ocp.PyTreeCheckpointHandler(),
                        "data": grain_checkpoint.CheckpointHandler(),
@@ -335,7 +483,7 @@ def open_reader(directory: str | Path) -> ocp.CheckpointManager:
     )
 
 
-def read_state(directory: str | Path, step: int) -> Any:
+def read_state(directory: str | os.PathLike, step: int) -> Any:
     """One step's train state as numpy arrays, whatever devices or sharding it was saved with."""
     manager = open_reader(directory)
     with _reading(manager, step):
@@ -380,20 +528,20 @@ def _numpy_restore_args(tree: Any) -> Any:
 class RunReader(NamedTuple):
     """A finished (or running) run opened for reading: where it is, what it saved, its config."""
 
-    directory: Path
+    directory: epath.Path
     steps: list[int]
     config: dict[str, Any]
     read_params: Callable[[int], dict[str, Any]]
 
 
-def checkpoint_dir(run_dir: str | Path) -> Path:
+def checkpoint_dir(run_dir: str | os.PathLike) -> epath.Path:
     """Where a training run keeps its checkpoints."""
-    return Path(run_dir) / CHECKPOINT_DIR
+    return epath.Path(run_dir) / CHECKPOINT_DIR
 
 
-def find_runs(workdir: str | Path) -> list[Path]:
+def find_runs(workdir: str | os.PathLike) -> list[epath.Path]:
     """The run directories under `workdir`: itself if it holds checkpoints, else its children."""
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)
     if checkpoint_dir(workdir).is_dir():
         return [workdir]
     children = sorted(workdir.iterdir(), key=lambda p: _natural(p.name)) if workdir.is_dir() else []
@@ -406,9 +554,9 @@ def find_runs(workdir: str | Path) -> list[Path]:
     return runs
 
 
-def open_run(run_dir: str | Path) -> RunReader:
+def open_run(run_dir: str | os.PathLike) -> RunReader:
     """A run's saved steps (ascending), its stored config ({} if none), a reader of its params."""
-    run_dir = Path(run_dir)
+    run_dir = epath.Path(run_dir)
     manager = open_reader(checkpoint_dir(run_dir))
     steps = sorted(manager.all_steps())
     if not steps:
@@ -443,11 +591,11 @@ def config_differences(stored: dict[str, Any], current: dict[str, Any], prefix: 
 
 
 def check_config(
-    workdir: str | Path, config: Any, force: bool, ignore: Iterable[str] = ("force",)
+    workdir: str | os.PathLike, config: Any, force: bool, ignore: Iterable[str] = ("force",)
 ) -> None:
     """Refuses a config that differs from the one stored in the workdir, unless forced (reads
     only: `store_config` writes it once everything else has been checked)."""
-    path = Path(workdir) / CONFIG_FILE
+    path = epath.Path(workdir) / CONFIG_FILE
     differences = _stored_differences(path, config, ignore)
     if differences and not force:
         raise ValueError(
@@ -458,19 +606,21 @@ def check_config(
         )
 
 
-def store_config(workdir: str | Path, config: Any, ignore: Iterable[str] = ("force",)) -> None:
+def store_config(
+    workdir: str | os.PathLike, config: Any, ignore: Iterable[str] = ("force",)
+) -> None:
     """Stores the config as the workdir's (host 0, atomically); leaves an equal one untouched."""
-    path = Path(workdir) / CONFIG_FILE
+    path = epath.Path(workdir) / CONFIG_FILE
     if path.exists() and not _stored_differences(path, config, ignore):
         return
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial_path = path.with_suffix(".partial")
         partial_path.write_text(json.dumps(_kept(config, ignore), indent=2, sort_keys=True))
-        partial_path.rename(path)  # atomic: a kill never leaves a half-written config
+        partial_path.replace(path)  # atomic on a local disk: no half-written config after a kill
 
 
-def _stored_differences(path: Path, config: Any, ignore: Iterable[str]) -> list[str]:
+def _stored_differences(path: epath.Path, config: Any, ignore: Iterable[str]) -> list[str]:
     """How the config differs from the one stored at `path` ([] if none is stored)."""
     if not path.exists():
         return []

@@ -6,9 +6,13 @@ saves checkpoints under `WORKDIR/checkpoints/` and, run again, resumes from the 
 One code path runs on one CPU and on a TPU pod: the mesh of `es_jax.mesh` over every device,
 batches split along its `data` axis, parameters replicated or FSDP-sharded (`config.mesh`), and
 `jax.distributed.initialize()` first when `config.distributed` is set (every host runs the same
-command). The loss plot of a run is drawn from its `train_log.jsonl` by
-`es_jax.analysis.plots.plot_training_loss`. At the end, objectives that measure their own quality
-(k-NN accuracy of a vision backbone) add it to `results.json`.
+command). The workdir may be local or a `gs://` URL (every path an `etils.epath.Path`). Orbax
+decides each step whether to save (`checkpointing.open_manager`): at the scheduled steps, and, on a
+run with `config.distributed`, at the step `jax.distributed`'s preemption service agrees on after a
+host receives SIGTERM; a run preempted so stops there (its summary names `preempted_at`, and it
+writes no `results.json`), and run again resumes from that step. The loss plot of a run is drawn
+from its `train_log.jsonl` by `es_jax.analysis.plots.plot_training_loss`. At the end, objectives
+that measure their own quality (k-NN accuracy of a vision backbone) add it to `results.json`.
 
 Nothing is written before the config's values, the workdir's stored config and the shapes of its
 checkpoints have all been checked, so a refused command leaves the workdir as it was. A run that
@@ -26,7 +30,6 @@ import sys
 import time
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -34,6 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -111,7 +115,9 @@ def track_divergence(
     return jax.tree.map(lambda old, new: jnp.where(first, new, old), health, now)
 
 
-def check_divergence(health: dict[str, Any], last_saved: int, checkpoints: str | Path) -> None:
+def check_divergence(
+    health: dict[str, Any], last_saved: int, checkpoints: str | os.PathLike
+) -> None:
     """Refuses to go on from a diverged run, naming the step and what became non-finite."""
     if health["step"] < 0:
         return
@@ -144,7 +150,7 @@ def watched_step(
     return new_state, metrics, health
 
 
-def refuse_non_finite(params: Any, checkpoint: Path) -> None:
+def refuse_non_finite(params: Any, checkpoint: str | os.PathLike) -> None:
     """Refuses to resume from parameters holding NaN or inf (saved before runs were watched)."""
     if not bool(jax.jit(all_finite)(params)):
         raise ValueError(
@@ -157,23 +163,20 @@ def refuse_non_finite(params: Any, checkpoint: Path) -> None:
 # ----------------------------------------------------------------------------- the loop
 
 
-def write_log(workdir: Path, record: dict[str, Any]) -> None:
-    """Appends one JSON line to the run's training log (host 0 only), on a line of its own even
-    after a line that a kill cut short."""
+def write_log(workdir: epath.Path, record: dict[str, Any]) -> None:
+    """Adds one JSON line to the run's training log (host 0 only), on a line of its own even
+    after a line that a kill cut short.
+
+    The log is written whole and renamed into place (buckets cannot append; the log holds one
+    line per checkpoint), so a kill leaves the old log or the new one.
+    """
     if jax.process_index() == 0:
         path = workdir / LOG_FILE
-        start = "\n" if _ends_mid_line(path) else ""
-        with open(path, "a") as log:
-            log.write(start + json.dumps(record) + "\n")
-
-
-def _ends_mid_line(path: Path) -> bool:
-    """Whether a file's last line lacks its newline (its write was cut short)."""
-    if not path.exists() or path.stat().st_size == 0:
-        return False
-    with open(path, "rb") as file:
-        file.seek(-1, os.SEEK_END)
-        return file.read(1) != b"\n"
+        logged = path.read_text() if path.exists() else ""
+        separator = "\n" if logged and not logged.endswith("\n") else ""
+        partial_path = path.with_suffix(".partial")
+        partial_path.write_text(logged + separator + json.dumps(record) + "\n")
+        partial_path.replace(path)
 
 
 def compiled_step(step_fn: Callable, mesh: Mesh, shardings: Any) -> Callable:
@@ -200,10 +203,13 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike
+) -> dict[str, Any]:
     """Pre-trains (or resumes) to `config.total_steps`; returns the last logged metrics, timing
-    and the objective's quality measures."""
-    workdir = Path(workdir).absolute()
+    and the objective's quality measures (`preempted_at`: the step a preempted run stopped at,
+    else None; a preempted run measures no quality and writes no results.json)."""
+    workdir = checkpointing.as_path(workdir)
     if config.distributed:
         jax.distributed.initialize()
     check_values(config)
@@ -215,9 +221,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
 
+    save_at = checkpointing.checkpoint_steps(
+        config.total_steps, config.checkpoint_every, config.log_spaced_checkpoints
+    )
     iterator = iter(objective.dataset)
     checkpoints = workdir / checkpointing.CHECKPOINT_DIR
-    manager = checkpointing.open_manager(checkpoints, config.async_checkpoints)
+    manager = checkpointing.open_manager(checkpoints, config.async_checkpoints, save_at)
     checkpointing.check_layout(manager, target)
     checkpointing.store_config(workdir, config, ignore=RUN_ONLY_KEYS)  # all checked: now write
     restored = checkpointing.restore_latest(manager, target)
@@ -231,13 +240,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         iterator.set_state(data_state)
 
     step_fn = compiled_step(objective.step, mesh, shardings)
-    save_at = set(checkpointing.checkpoint_steps(
-        config.total_steps, config.checkpoint_every, config.log_spaced_checkpoints
-    ))
     batch_placement = batch_sharding(mesh)
     metrics: dict[str, Any] = {}
     # Placed as the step returns it, so the second step does not compile again.
     health, last_saved = jax.device_put(healthy(), replicated(mesh)), start
+    preempted_at = None
     progress = _progress(start, config.total_steps)
     started = time.perf_counter()
     try:
@@ -245,16 +252,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             batch = global_batch(objective.host_batch(next(iterator)), batch_placement)
             state, step_metrics, health = step_fn(state, batch, objective.rest, health)
             progress.update(1)
-            if step in save_at or step % config.log_every == 0:
+            saving = manager.should_save(step)  # a scheduled step, or a preemption's sync point
+            if saving or step % config.log_every == 0:
                 step_metrics, seen = jax.device_get((step_metrics, health))
                 check_divergence(seen, last_saved, checkpoints)
                 metrics = {"step": step, **{k: float(v) for k, v in step_metrics.items()}}
                 progress.set_postfix(loss=f"{metrics['loss']:.3f}")
-            if step in save_at:
+            if saving:
                 checkpointing.save(manager, step, state, iterator.get_state())
                 write_log(workdir, metrics)
                 last_saved = step
-    finally:  # a diverged run still completes the checkpoints it started saving
+                if manager.reached_preemption(step):  # every host stops at the sync point
+                    preempted_at = step
+                    break
+    finally:  # a diverged or preempted run still completes the checkpoints it started saving
         manager.wait_until_finished()
         manager.close()
         progress.close()
@@ -263,10 +274,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         **metrics,
         "total_steps": config.total_steps,
         "resumed_from": start,
+        "preempted_at": preempted_at,
         "seconds": elapsed,
-        "steps_per_second": (config.total_steps - start) / max(elapsed, 1e-9),
-        "checkpoints": sorted(save_at),
+        "steps_per_second": ((preempted_at or config.total_steps) - start) / max(elapsed, 1e-9),
+        "checkpoints": save_at,
     }
+    if preempted_at is not None:
+        return summary
     if objective.quality is not None:
         summary.update(objective.quality(state))
     if jax.process_index() == 0:

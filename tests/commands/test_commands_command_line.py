@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from etils import epath
 
 import es_jax
 from es_jax import cli
@@ -232,6 +233,38 @@ def test_checking_the_workdir_creates_nothing(tmp_path):
     _, workdir = parse("--workdir", str(tmp_path / "a" / "b"))
     assert workdir == tmp_path / "a" / "b"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("url", ["gs://bucket/runs/a", "gs://bucket", "s3://bucket/x/y"])
+def test_a_bucket_workdir_keeps_its_url_intact(url, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _, workdir = parse("--workdir", url)
+    assert isinstance(workdir, epath.Path)
+    assert os.fspath(workdir) == url
+    assert os.fspath(workdir / "checkpoints") == f"{url}/checkpoints"
+    assert list(tmp_path.iterdir()) == []  # nothing checked or created on the local disk
+
+
+def test_a_local_workdir_is_an_epath_of_the_directory_given(tmp_path):
+    _, workdir = parse("--workdir", str(tmp_path / "run"))
+    assert isinstance(workdir, epath.Path)
+    assert os.fspath(workdir) == str(tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://example.com/runs", r"--workdir http://example.com/runs: not a bucket URL; give "
+                                    r"a local directory or gs://BUCKET/PATH"),
+        ("gs://", r"--workdir gs://: not a bucket URL"),
+        ("gs:///runs", r"--workdir gs:///runs: not a bucket URL"),
+        ("gs:/bucket/runs", r"--workdir gs:/bucket/runs: not a bucket URL"),
+    ],
+)
+def test_a_workdir_url_without_a_bucket_is_refused(url, message):
+    with pytest.raises(UsageError, match=message) as caught:
+        parse("--workdir", url)
+    assert "\n" not in str(caught.value)
 
 
 def test_the_entry_point_refuses_a_workdir_that_is_a_file(tmp_path):

@@ -1,6 +1,8 @@
-"""Pre-training resumes exactly after SIGKILL or a corrupt checkpoint, and refuses other configs."""
+"""Pre-training resumes exactly after SIGKILL, a preemption or a corrupt checkpoint, and refuses
+other configs."""
 
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -13,6 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from jax.experimental import multihost_utils
 
 from es_jax.analysis.plots import plot_training_loss
 from es_jax.commands import command_line
@@ -111,6 +114,61 @@ def test_sigkilled_run_resumes_bitwise_equal(reference, tmp_path):
     assert_bitwise_equal(final_state(tmp_path), expected)
 
 
+def test_a_preempted_run_saves_the_step_it_stopped_at_and_resumes_from_it(
+    reference, tmp_path, monkeypatch
+):
+    _, expected = reference
+    config, _ = command_line.parse("pretrain", ["--config", SMOKE, "--workdir", str(tmp_path)])
+    # jax.distributed's preemption service names step 13 as the sync point on every host.
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda step: step == 13)
+    summary = pretrain.train_and_evaluate(config, tmp_path)
+    assert summary["preempted_at"] == 13
+    schedule = checkpointing.checkpoint_steps(TOTAL_STEPS, config.checkpoint_every,
+                                              config.log_spaced_checkpoints)
+    checkpoints = tmp_path / checkpointing.CHECKPOINT_DIR
+    saved = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    assert saved == [step for step in schedule if step < 13] + [13]
+    assert not (tmp_path / pretrain.RESULTS_FILE).exists()  # the run is not finished
+    monkeypatch.undo()
+    resumed = pretrain.train_and_evaluate(config, tmp_path)
+    assert (resumed["resumed_from"], resumed["preempted_at"]) == (13, None)
+    logged = [json.loads(line)["step"] for line in (tmp_path / pretrain.LOG_FILE).open()]
+    assert logged == sorted({*schedule, 13} - {0})  # each saved step once, in order
+    assert_bitwise_equal(final_state(tmp_path), expected)
+
+
+PREEMPTED_HOST_SCRIPT = """
+import json, socket, sys
+import jax
+with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    address = f"127.0.0.1:{probe.getsockname()[1]}"
+jax.distributed.initialize(address, num_processes=1, process_id=0)  # its preemption service too
+from es_jax.commands import command_line
+from es_jax.train import pretrain
+config, workdir = command_line.parse("pretrain", sys.argv[1:])
+summary = pretrain.train_and_evaluate(config, workdir)
+print(json.dumps({"preempted_at": summary["preempted_at"]}))
+"""
+
+
+def test_sigterm_makes_a_distributed_run_save_the_step_it_reached_and_stop(tmp_path):
+    argv = ["--config", SMOKE, "--workdir", str(tmp_path), "--config.total_steps=20000",
+            "--config.checkpoint_every=10000"]  # scheduled: 0, 1, 100, 10000, 20000
+    process = subprocess.Popen([sys.executable, "-c", PREEMPTED_HOST_SCRIPT, *argv],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=os.environ.copy())
+    checkpoints = tmp_path / checkpointing.CHECKPOINT_DIR
+    wait_for(lambda: saved(100)(checkpoints), process)
+    process.send_signal(signal.SIGTERM)  # what a cloud scheduler sends before it preempts
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-2000:]
+    stopped = json.loads(stdout.strip().splitlines()[-1])["preempted_at"]
+    assert 100 < stopped < 10000
+    assert sorted(int(p.name) for p in checkpoints.iterdir()) == [0, 1, 100, stopped]
+    assert int(checkpointing.read_state(checkpoints, stopped)["step"]) == stopped
+
+
 def test_corrupt_checkpoint_is_skipped_with_a_warning(reference, tmp_path):
     source, expected = reference
     workdir = tmp_path / "run"
@@ -124,7 +182,7 @@ def test_corrupt_checkpoint_is_skipped_with_a_warning(reference, tmp_path):
     assert summary["resumed_from"] == 20
     # The command layer draws the loss curve from the resumed run's log.
     loss_plot = plot_training_loss(workdir / pretrain.LOG_FILE, workdir / "loss.png", "run")
-    assert loss_plot.stat().st_size > 0
+    assert os.path.getsize(loss_plot) > 0
     assert (workdir / checkpointing.CORRUPT_DIR / str(TOTAL_STEPS)).exists()
     assert_bitwise_equal(final_state(workdir), expected)
 
