@@ -9,9 +9,13 @@ Cloud TPU pod slice with tpu_scripts/ (every host runs the same command with
   BUCKET=my-bucket tpu_scripts/emergence.sh   (es-jax emergence --workdir gs://BUCKET/runs)
 
 Bookcorpus comes through tfds's Hugging Face namespace ("huggingface:bookcorpus", which needs the
-`datasets` package and network access where the job runs). The paper leaves batch size, learning
-rate and sequence length unstated; these are the usual BERT recipe at 50k steps. Smoke run
-(offline, tiny): `--config configs/bert_base_pretrain.py:tiny`.
+`datasets` package and network access where the job runs), from the tfds data dir
+`--config.data.data_dir` (prepared once where every host reads it). Each host reads and
+tokenises only its own devices' share of the documents, as training reaches them, and caches
+their token ids in WORKDIR/token_cache (`--config.data.cache_dir`), so a resumed run tokenises
+nothing twice. The paper leaves batch size, learning rate and sequence length unstated; these
+are the usual BERT recipe at 50k steps. Smoke run (offline, tiny):
+`--config configs/bert_base_pretrain.py:tiny`.
 """
 
 import ml_collections

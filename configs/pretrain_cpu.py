@@ -9,7 +9,8 @@ Five data volumes, five runs (about 18 minutes each on 2 cores; re-run a command
   es-jax emergence --workdir runs/emergence
 
 The WordPiece vocabulary is trained on the whole corpus (all volumes share it) and cached in each
-run's workdir as tokenizer.json. Smoke run: `--config configs/pretrain_cpu.py:tiny`.
+run's workdir as tokenizer.json; the token ids of the text, tokenised as training reaches it,
+are cached in WORKDIR/token_cache. Smoke run: `--config configs/pretrain_cpu.py:tiny`.
 """
 
 import ml_collections

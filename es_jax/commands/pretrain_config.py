@@ -36,6 +36,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
             seq_len=64,
             tokenizer="wordpiece",  # trained on the corpora, cached in the workdir; or a hub name
             vocab_size=8000,
+            data_dir="",  # tfds data dir; '' = $ES_JAX_DATA_DIR or ~/tensorflow_datasets
+            cache_dir="",  # token ids cached by content hash; '' = WORKDIR/token_cache
         )
     )
     config.global_batch_size = 32

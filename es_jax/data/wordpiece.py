@@ -2,15 +2,17 @@
 
 `cached_wordpiece` trains the vocabulary once (on host 0), saves it as a `tokenizers` JSON file and
 loads it on every host; a re-run, or a resumed run, reads the saved file. Ids are numbered
-canonically, so the same texts always give the same vocabulary.
+canonically, so the same texts always give the same vocabulary. Paths may be `gs://` URLs
+(`etils.epath`).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax
+from etils import epath
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers.trainers import WordPieceTrainer
 
@@ -20,19 +22,22 @@ from es_jax.mesh import sync_hosts
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
-def cached_wordpiece(path: Path, corpora: Sequence[str], vocab_size: int) -> WordPieceTokenizer:
-    """The WordPiece tokenizer saved at `path`, trained on `corpora` first if it is not there."""
-    path = Path(path)
+def cached_wordpiece(
+    path: str | os.PathLike, corpora: Sequence[str], vocab_size: int, data_dir: str | None = None
+) -> WordPieceTokenizer:
+    """The WordPiece tokenizer saved at `path`, trained on `corpora` (read from the tfds
+    `data_dir`, None: the default) first if it is not there."""
+    path = epath.Path(path)
     if not path.exists():
         if jax.process_index() == 0:
             partial_path = path.with_suffix(".partial")
-            train_wordpiece(corpora_documents(corpora), vocab_size, partial_path)
+            train_wordpiece(list(corpora_documents(corpora, data_dir)), vocab_size, partial_path)
             partial_path.rename(path)  # atomic: a kill never leaves a half-written vocabulary
         sync_hosts("tokenizer")
     return WordPieceTokenizer(path)
 
 
-def train_wordpiece(texts: list[str], vocab_size: int, path: Path) -> Tokenizer:
+def train_wordpiece(texts: list[str], vocab_size: int, path: str | os.PathLike) -> Tokenizer:
     """A lower-cased BERT WordPiece tokenizer trained on `texts`, saved to `path`."""
     trained = bert_tokenizer(models.WordPiece(unk_token="[UNK]"))
     trainer = WordPieceTrainer(
@@ -45,8 +50,9 @@ def train_wordpiece(texts: list[str], vocab_size: int, path: Path) -> Tokenizer:
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
     )
+    path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(path))
+    path.write_text(tokenizer.to_str(pretty=True))
     return tokenizer
 
 
@@ -87,8 +93,8 @@ class WordPieceTokenizer:
     start (and a resumed run's restart) short.
     """
 
-    def __init__(self, path: Path):
-        self.backend = Tokenizer.from_file(str(path))
+    def __init__(self, path: str | os.PathLike):
+        self.backend = Tokenizer.from_str(epath.Path(path).read_text())
         for kind in ("pad", "unk", "cls", "sep", "mask"):
             setattr(self, f"{kind}_token_id", self.backend.token_to_id(f"[{kind.upper()}]"))
         self.eos_token_id = None

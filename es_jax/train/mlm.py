@@ -2,7 +2,11 @@
 replacement, its loss, and the `Objective` that `es_jax.train.pretrain`'s loop runs.
 
 The corpora and the WordPiece vocabulary come from `es_jax.data`; the vocabulary is trained on the
-corpora once and cached in the workdir (`TOKENIZER_FILE`).
+corpora once and cached in the workdir (`TOKENIZER_FILE`). The training text is dealt into one
+document stream per device (`training_dataset`): each host reads and tokenises only its devices'
+streams, a chunk of documents at a time as training reaches it, with the token ids cached under
+a hash of the texts and the tokenizer (`config.data.cache_dir`, default `WORKDIR/TOKEN_CACHE_DIR`).
+The global batch is the devices' rows side by side, so it is the same on one host or many.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from flax import nnx
 from es_jax.data.corpora import training_documents
 from es_jax.data.pipelines import packed_lm_dataset
 from es_jax.data.wordpiece import cached_wordpiece
+from es_jax.mesh import batch_sharding, from_config
 from es_jax.train import objectives
 
 TOKENIZER_FILE = "tokenizer.json"
+TOKEN_CACHE_DIR = "token_cache"
 
 
 def mask_tokens(
@@ -95,20 +101,39 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: Path):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(config.data.tokenizer)
-    return cached_wordpiece(workdir / TOKENIZER_FILE, config.data.corpora, config.data.vocab_size)
+    return cached_wordpiece(
+        workdir / TOKENIZER_FILE, config.data.corpora, config.data.vocab_size,
+        data_dir=config.data.data_dir or None,
+    )
 
 
-def training_dataset(config: ml_collections.ConfigDict, tokenizer):
-    """This host's grain dataset of packed-sequence batches (endless, reshuffled every epoch)."""
+def training_dataset(config: ml_collections.ConfigDict, tokenizer, workdir: Path):
+    """This host's grain dataset of packed-sequence batches (endless, reshuffled every epoch):
+    the documents dealt into one stream per device of the mesh (`config.mesh`), this host's
+    devices' streams side by side in the order their rows take in the global batch."""
+    mesh = from_config(config.mesh)
+    rows = host_rows(mesh)
     return packed_lm_dataset(
-        training_documents(config.data.corpora, config.data.fraction, config.data.seed),
+        training_documents(
+            config.data.corpora, config.data.fraction, config.data.seed,
+            data_dir=config.data.data_dir or None,
+        ),
         tokenizer,
         seq_len=config.data.seq_len,
-        batch_size=config.global_batch_size // jax.process_count(),
+        batch_size=config.global_batch_size // mesh.size * len(rows),
         seed=config.data.seed,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
+        shard_index=rows,
+        shard_count=mesh.size,
+        cache_dir=config.data.cache_dir or workdir / TOKEN_CACHE_DIR,
     )
+
+
+def host_rows(mesh: jax.sharding.Mesh) -> list[int]:
+    """Which of the `mesh.size` equal row blocks of a global batch this host's devices hold, in
+    the order of the global batch (the order `make_array_from_process_local_data` reads a
+    host's rows in)."""
+    places = batch_sharding(mesh).addressable_devices_indices_map((mesh.size,))
+    return sorted(index[0].start or 0 for index in places.values())
 
 
 def with_maskable(batch: dict[str, np.ndarray], special_ids: np.ndarray) -> dict:
@@ -176,7 +201,7 @@ def objective(
         init_state=init_state,
         step=step,
         rest=rest,
-        dataset=training_dataset(config, tokenizer),
+        dataset=training_dataset(config, tokenizer, workdir),
         host_batch=partial(with_maskable, special_ids=special_ids),
         quality=None,
     )
