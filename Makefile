@@ -30,7 +30,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check es_jax tests benchmarks configs
-	$(BIN)/python -m pytest -n 2 -q tests
+	$(BIN)/python -m pytest -n 2 -q -m "not multihost" tests
+	$(BIN)/python -m pytest -q -m multihost tests/multihost
 
 lint: $(STAMP)
 	$(BIN)/ruff check es_jax tests benchmarks configs

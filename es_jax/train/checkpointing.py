@@ -624,10 +624,23 @@ def _stored_differences(path: epath.Path, config: Any, ignore: Iterable[str]) ->
     """How the config differs from the one stored at `path` ([] if none is stored)."""
     if not path.exists():
         return []
-    stored = {k: v for k, v in json.loads(path.read_text()).items() if k not in set(ignore)}
+    stored = _without(json.loads(path.read_text()), ignore)
     return config_differences(stored, _kept(config, ignore))
 
 
 def _kept(config: Any, ignore: Iterable[str]) -> dict[str, Any]:
-    """The config's fingerprint without the keys a run may change freely."""
-    return {k: v for k, v in config_fingerprint(config).items() if k not in set(ignore)}
+    """The config's fingerprint without the keys a run may change freely (`_without`)."""
+    return _without(config_fingerprint(config), ignore)
+
+
+def _without(fingerprint: dict[str, Any], ignore: Iterable[str]) -> dict[str, Any]:
+    """A config fingerprint (modified in place) without the `ignore` keys: top-level names, or
+    dotted ones such as "data.cache_dir" for a key inside a group."""
+    for dotted in ignore:
+        *groups, name = dotted.split(".")
+        group: Any = fingerprint
+        for key in groups:
+            group = group.get(key) if isinstance(group, dict) else None
+        if isinstance(group, dict):
+            group.pop(name, None)
+    return fingerprint

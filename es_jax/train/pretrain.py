@@ -46,9 +46,11 @@ from es_jax.train import checkpointing, objectives
 
 LOG_FILE = "train_log.jsonl"
 RESULTS_FILE = "results.json"
-# Config keys that change how a run is executed or logged, not what it computes: a resumed run
-# may change them freely.
-RUN_ONLY_KEYS = ("force", "log_every", "async_checkpoints", "distributed", "mesh")
+# Keys that say how or where a run goes, not what it computes: a resumed run may change them.
+RUN_ONLY_KEYS = (
+    "force", "log_every", "async_checkpoints", "distributed", "mesh", "data.data_dir",
+    "data.cache_dir",
+)
 
 
 # ----------------------------------------------------------------------------- set-up

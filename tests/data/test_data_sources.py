@@ -1,6 +1,7 @@
 """The offline tfds builders and the readers over them, plus catalogue names through mock data."""
 
 import concurrent.futures
+import os
 import time
 from pathlib import Path
 
@@ -259,3 +260,12 @@ def test_a_corrupt_word_pair_file_names_the_file_and_line(tmp_path):
     path.write_text("# word1\tword2\tscore\ncat\tdog\t7.5\ncat dog 7.5\n")
     with pytest.raises(ValueError, match=rf"{path}: expected .*found 'cat dog 7\.5'"):
         list(builders.word_pair_lines(path))
+
+
+def test_a_bucket_data_dir_keeps_its_url_and_a_local_one_expands_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("ES_JAX_DATA_DIR", str(tmp_path))
+    assert str(data.resolve_data_dir("gs://bucket/tensorflow_datasets")) == (
+        "gs://bucket/tensorflow_datasets"
+    )
+    assert str(data.resolve_data_dir("~/tfds")) == os.path.expanduser("~/tfds")
+    assert data.resolve_data_dir("") == tmp_path  # "" (the configs' default) is the environment's

@@ -155,6 +155,8 @@ def test_run_only_keys_may_change_but_others_may_not(tmp_path, smoke_config):
     checkpointing.store_config(tmp_path, config, ignore=pretrain.RUN_ONLY_KEYS)
     with config.unlocked():
         config.log_every = 3
+        config.mesh.fsdp = 2
+        config.data.cache_dir = str(tmp_path / "elsewhere")  # a key inside a group
     checkpointing.check_config(tmp_path, config, force=False, ignore=pretrain.RUN_ONLY_KEYS)
     with config.unlocked():
         config.model.hidden_size = 64
