@@ -16,7 +16,8 @@ Images (es_jax.data.images; uint8 until to_unit_range maps them to float32 x / 1
   MultiCrop, multi_crop, supervised_view, random_resized_crop, crop_box, horizontal_flip,
   intensity_jitter, gaussian_blur, solarize
 Pre-training corpora and vocabularies (es_jax.data.corpora, es_jax.data.wordpiece):
-  corpus_documents(name), training_documents(names, fraction, seed)
+  corpus_documents(name, data_dir), training_documents(names, fraction, seed, data_dir)
+      -> grain.MapDataset[str] (records read when their text is needed)
   cached_wordpiece(path, corpora, vocab_size), train_wordpiece, WordPieceTokenizer
 Fine-tuning tasks (es_jax.data.tasks):
   classification_dataset(name, split, ...)    GLUE mnli/qnli/qqp/sst2/rte and pang_lee
