@@ -6,11 +6,16 @@ With no `--config` the embedded default (`sweep_config.default_config()`) runs o
 bundled models. `run` asks the plan (`sweep_plan.plan`: the config and what results.json already
 holds -> the loads still to do) and executes it: for each load, the model is loaded once with one
 jitted evaluator per task (compiled once for all levels) and its dense values evaluated; then for
-each scorer (magnitude, Wanda, random) the scores are computed once and, for each pattern (global,
-layerwise, per_output, N:M), the nested masks of every level left come from one selection; each
-mask is applied and every task lacking that level evaluated. The sequential methods (SparseGPT,
-Wanda as its reference runs it) prune the model block by block on calibration text once per
-level instead (`models.prune_sequential`). Each level records how long its pruning took. A
+each scorer (magnitude, Wanda, random) the scores are computed once (magnitude's inside the
+selection, from the weights) and, for each pattern (global, layerwise, per_output, N:M), every
+level left comes from one selection as one uint8 per target weight (`pruning.levels`); each task
+lacking a level evaluates the dense parameters with that level's weights zeroed inside its
+compiled forward pass, so no pruned copy of the weights is ever held. The sequential methods
+(SparseGPT, Wanda as its reference runs it) prune the model block by block on calibration text
+once per level instead (`models.prune_sequential`). Each level records how long its pruning
+took. Weights load in the entry's `dtype`. Zero-shot entries run on the mesh of `config.mesh`:
+parameters and level arrays sharded by `es_jax.mesh.state_shardings`, evaluation batches split
+over every device, results replicated. A
 fine-tune task fine-tunes every level (and dense) once per seed of its entry, each seed with its
 own head, data order and held-out split (`finetune_setup`); the level stores the seeds' values,
 their mean and standard deviation. Each finished level (and each seed of an unfinished one) is
@@ -21,6 +26,7 @@ are seeds) and knee per run, a CSV, a summary and plots.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,9 +35,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from es_jax import mesh as mesh_lib
 from es_jax.analysis import essential
 from es_jax.commands import command_line, sweep_plan
 from es_jax.commands.sweep_config import (
@@ -43,6 +53,7 @@ from es_jax.commands.sweep_config import (
     default_config,
     finetune_config,
     image_normalisation,
+    param_dtype,
     parse_pattern,
     run_seeds,
     validate,
@@ -59,7 +70,7 @@ from es_jax.commands.sweep_results import (
     write_csv,
 )
 from es_jax.evaluate import tasks as task_registry
-from es_jax.evaluate.evaluators import Evaluator, split_params
+from es_jax.evaluate.evaluators import DENSE, Evaluator, split_params
 
 SUMMARY = "One-shot pruning sweep: evaluate every level, find the essential sparsity, plot."
 DEFAULT_CONFIG = default_config
@@ -123,8 +134,11 @@ def finish(config: ml_collections.ConfigDict, store: ResultsStore, workdir: Path
 # Models, scores and masks.
 
 
-def task_settings(config: Any, settings: Any) -> task_registry.TaskSettings:
-    """The data and batching settings a task builder needs."""
+def task_settings(
+    config: Any, settings: Any, mesh: Mesh | None = None
+) -> task_registry.TaskSettings:
+    """The data and batching settings a task builder needs, and the mesh it runs on (None: the
+    default device)."""
     return task_registry.TaskSettings(
         data_dir=config.data_dir,
         seed=config.seed,
@@ -141,7 +155,27 @@ def task_settings(config: Any, settings: Any) -> task_registry.TaskSettings:
         labels_per_class=settings.labels_per_class,
         image_size=settings.image_size,
         normalisation=image_normalisation(settings),
+        mesh=mesh,
     )
+
+
+def sweep_mesh(config: ml_collections.ConfigDict) -> Mesh:
+    """The mesh of `config.mesh` (data, fsdp) over every device."""
+    return mesh_lib.from_config(config.mesh)
+
+
+def entry_mesh(config: ml_collections.ConfigDict, task_names: Sequence[str]) -> Mesh | None:
+    """The mesh a load runs on: `sweep_mesh` for zero-shot tasks; None (the default device) for
+    a fine-tune task, which `es_jax.train.finetune` trains unsharded."""
+    if task_registry.get(task_names[0]).protocol == "finetune":
+        return None
+    return sweep_mesh(config)
+
+
+def place(tree: Any, mesh: Mesh | None) -> Any:
+    """Parameters, masks or level arrays sharded on the mesh by `es_jax.mesh.state_shardings`
+    (as they are when `mesh` is None)."""
+    return tree if mesh is None else mesh_lib.shard(tree, mesh)
 
 
 # Heads a sweep fine-tunes: always new, from the seed (never a pre-training run's own head).
@@ -158,7 +192,8 @@ def load_model(
     level), on a backbone that does not depend on the seed: a tiny model's weights, which stand
     for pre-trained ones, are the random ones of seed 0 (`with_new_head`), and a pre-training
     run's own classifier is not kept (`load_checkpoint_model(new_head=True)`). Other models are
-    loaded as they are, with `seed` for anything the checkpoint lacks.
+    loaded as they are, with `seed` for anything the checkpoint lacks. Parameters are of the
+    entry's `dtype` (a checkpoint entry's are float32, which validation checks).
     """
     from es_jax import models
 
@@ -171,15 +206,22 @@ def load_model(
         return load_checkpoint_model(
             source, task=task, num_labels=num_labels, seed=seed, new_head=new_head
         )
+    dtype = param_dtype(settings)
     if len(settings.tiny):
         model, tokenizer = tiny_model(settings, None if new_head else task, 0 if new_head else seed)
-        return (with_new_head(model, task, num_labels, seed) if new_head else model), tokenizer
-    return models.load(settings.name, task=task, num_labels=num_labels, seed=seed)
+        if new_head:
+            model = with_new_head(model, task, num_labels, seed, dtype)
+        return model, tokenizer
+    return models.load(
+        settings.name, task=task, num_labels=num_labels, seed=seed, param_dtype=dtype
+    )
 
 
 def tiny_model(settings: Any, task: str | None, seed: int) -> tuple[Any, Any]:
-    """A random model of the HF config fields `settings.tiny` for `task` (weights from `seed`),
-    with the tokenizer `settings.tokenizer` (None for images)."""
+    """A random model of the HF config fields `settings.tiny` for `task` (weights from `seed`,
+    of the entry's `dtype`), with the tokenizer `settings.tokenizer` (None for images)."""
+    import dataclasses
+
     from flax import nnx
 
     from es_jax import models
@@ -187,17 +229,22 @@ def tiny_model(settings: Any, task: str | None, seed: int) -> tuple[Any, Any]:
 
     hf_config = settings.tiny.to_dict()
     family = hub.family_for(hf_config["model_type"])
-    model = family.build(family.config_from_hf(hf_config), task, rngs=nnx.Rngs(seed))
+    config = dataclasses.replace(
+        family.config_from_hf(hf_config), param_dtype=param_dtype(settings)
+    )
+    model = family.build(config, task, rngs=nnx.Rngs(seed))
     model.eval()
     if family is models.vit:  # images: no tokenizer
         return model, None
     return model, hub.read_tokenizer(hub.resolve(settings.tokenizer, None))
 
 
-def with_new_head(backbone: Any, task: str, num_labels: int | None, seed: int) -> Any:
-    """The model of `task` on `backbone`'s weights, its head new from `seed`: the backbone as a
-    Hugging Face checkpoint (its family's tensors) loaded by `hub.from_hf`, as a hub backbone
-    checkpoint gets a head."""
+def with_new_head(
+    backbone: Any, task: str, num_labels: int | None, seed: int, dtype: Any
+) -> Any:
+    """The model of `task` on `backbone`'s weights, its head new from `seed`, parameters of
+    `dtype`: the backbone as a Hugging Face checkpoint (its family's tensors) loaded by
+    `hub.from_hf`, as a hub backbone checkpoint gets a head."""
     from es_jax.models import hub
 
     family = hub.family_of(backbone)
@@ -207,6 +254,7 @@ def with_new_head(backbone: Any, task: str, num_labels: int | None, seed: int) -
         task=task,
         num_labels=num_labels,
         seed=seed,
+        param_dtype=dtype,
     )
 
 
@@ -222,59 +270,133 @@ def calibration(prepared: ModelRun, config: Any, settings: Any) -> list[dict]:
     )
 
 
-def scores_of(scorer: str, prepared: ModelRun, config: Any, settings: Any) -> Any:
-    """Pruning scores of the target weights: |W|, Wanda's |W| * ||X||, or random."""
+class Scores(NamedTuple):
+    """A scorer's scores: a tree (None off target) and the transform the selection applies to
+    each leaf (magnitude: the weights themselves and `jnp.abs`, so no |w| tree is stored)."""
+
+    tree: Any
+    transform: Callable[[jax.Array], jax.Array] | None = None
+
+
+def scores_of(scorer: str, prepared: ModelRun, config: Any, settings: Any) -> Scores:
+    """Pruning scores of the target weights: |W| (computed inside the selection), Wanda's
+    |W| * ||X||, or random."""
     from es_jax import models, pruning
+    from es_jax.pruning.scores import map_targets
 
     params, where = prepared.params, prepared.where
     if scorer == "magnitude":
-        return pruning.magnitude(params, where=where)
+        return Scores(map_targets(params, where, lambda _, __, leaf: leaf), jnp.abs)
     if scorer == "random":
-        return pruning.random_scores(params, jax.random.key(config.seed), where=where)
+        return Scores(pruning.random_scores(params, jax.random.key(config.seed), where=where))
     norms = models.activation_norms(prepared.model, calibration(prepared, config, settings))
-    return pruning.wanda(params, norms, where=where)
+    return Scores(pruning.wanda(params, norms, where=where))
 
 
-def masks_of(scores: Any, pattern: Pattern, sparsities: Sequence[float]) -> list[Any]:
-    """One mask per sparsity: nested unstructured masks from one selection, or one N:M mask."""
+def levels_of(scores: Scores, pattern: Pattern, sparsities: Sequence[float]) -> Any:
+    """Every level of one selection as a `pruning.levels` tree (uint8 on targets): the nested
+    unstructured levels of `sparsities`, or an N:M pattern's one level (index 0). A scope that
+    selects within each leaf (layerwise, per_output) selects one leaf at a time
+    (`leaf_by_leaf_levels`)."""
     from es_jax import pruning
 
-    if not sparsities:
-        return []
     if pattern.is_n_of_m:
-        return [pruning.n_of_m(scores, n=pattern.n, m=pattern.m)]
-    return pruning.unstructured(scores, list(sparsities), scope=pattern.name)
+        return n_of_m_levels(scores.tree, pattern.n, pattern.m, scores.transform)
+    if pattern.name != "global":
+        return leaf_by_leaf_levels(scores, pattern.name, sparsities)
+    return pruning.levels(scores.tree, list(sparsities), transform=scores.transform)
+
+
+def leaf_by_leaf_levels(scores: Scores, scope: str, sparsities: Sequence[float]) -> Any:
+    """`pruning.levels(scores.tree, sparsities, scope, transform)` for a scope whose selection
+    stays within each leaf (layerwise, per_output), one leaf at a time: the same levels, while
+    the selection's temporaries are one leaf's instead of every leaf's at once (one compiled
+    program per leaf shape). Errors name the leaf."""
+    from es_jax import pruning
+    from es_jax.pruning.paths import path_string
+
+    def one(path: Any, leaf: jax.Array) -> jax.Array:
+        name = path_string(path)
+        chosen = pruning.levels({name: leaf}, list(sparsities), scope=scope,
+                                transform=scores.transform)
+        return jax.block_until_ready(chosen[name])
+
+    return jax.tree_util.tree_map_with_path(one, scores.tree)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "m", "transform"))
+def n_of_m_levels(
+    scores: Any, n: int, m: int, transform: Callable[[jax.Array], jax.Array] | None
+) -> Any:
+    """The N:M mask of `transform(scores)` as a one-level levels tree: 1 where kept, 0 where
+    pruned (so `pruning.mask_at(tree, 0)` is the mask)."""
+    from es_jax import pruning
+
+    if transform is not None:
+        scores = jax.tree.map(transform, scores)
+    return as_levels(pruning.n_of_m(scores, n=n, m=m))
+
+
+def as_levels(mask: Any) -> Any:
+    """A bool mask as a one-level levels tree (uint8: 1 kept, 0 pruned; None stays None)."""
+    return jax.tree.map(lambda keep: keep.astype(jnp.uint8), mask)
+
+
+def unpruned_levels(params: Any, where: str, mesh: Mesh | None) -> Any:
+    """A levels tree of zeros on the target leaves (None elsewhere), created in place on the
+    mesh: with level DENSE (-1) it prunes nothing, so the dense model goes through the
+    evaluators' one compiled program."""
+    from es_jax.pruning.scores import map_targets
+
+    def zeros(_: int, __: str, leaf: jax.Array) -> jax.Array:
+        placement = None if mesh is None else jax.sharding.NamedSharding(
+            mesh, mesh_lib.leaf_spec(leaf.shape, mesh_lib.fsdp_size(mesh))
+        )
+        return jnp.zeros(leaf.shape, jnp.uint8, device=placement)
+
+    return map_targets(params, where, zeros)
 
 
 class Pruned(NamedTuple):
-    """One level's pruned parameters, its mask, and the seconds its pruning took."""
+    """One level as the evaluators take it: parameters (the dense ones, or a sequential method's
+    pruned ones), a levels tree whose level `index` is the level's mask (DENSE: nothing
+    pruned), and the seconds its pruning took."""
 
     params: Any
-    mask: Any
+    levels: Any
+    index: int
     seconds: float
 
 
-class ScoreMethod:
-    """A scorer whose scores are computed once: every curve's levels are masks of one selection,
-    applied to the parameters. A level's seconds are its share of the selection and its apply."""
+def mask_of(pruned: Pruned) -> Any:
+    """The level's bool mask (`pruning.mask_at`); None for the dense model."""
+    from es_jax import pruning
 
-    def __init__(self, scorer: str, prepared: ModelRun, config: Any, settings: Any,
-                 apply: Callable[[Any, Any], Any]):
+    return None if pruned.index == DENSE else pruning.mask_at(pruned.levels, pruned.index)
+
+
+class ScoreMethod:
+    """A scorer whose scores are computed once: every curve's levels come from one selection
+    (`levels_of`: one uint8 per target weight), which the evaluators apply inside their
+    compiled forward pass. A level's seconds are its share of the selection."""
+
+    def __init__(self, scorer: str, prepared: ModelRun, config: Any, settings: Any):
         start = time.perf_counter()
         self.scores = jax.block_until_ready(scores_of(scorer, prepared, config, settings))
         self.seconds = time.perf_counter() - start  # the scores' own cost, once per load
+        self.mesh = prepared.mesh
         self.params = prepared.params
-        self.apply = apply
 
     def levels(self, pattern: Pattern, sparsities: Sequence[float]) -> Iterator[Pruned]:
-        """The pruned parameters of each sparsity (one N:M level for an N:M pattern)."""
+        """Each sparsity's level (one N:M level for an N:M pattern), all in one levels tree."""
+        if not sparsities:
+            return
+        count = 1 if pattern.is_n_of_m else len(sparsities)
         start = time.perf_counter()
-        masks = jax.block_until_ready(masks_of(self.scores, pattern, sparsities))
-        share = (time.perf_counter() - start) / max(len(masks), 1)
-        for mask in masks:
-            start = time.perf_counter()
-            pruned = jax.block_until_ready(self.apply(self.params, mask))
-            yield Pruned(pruned, mask, share + time.perf_counter() - start)
+        tree = place(jax.block_until_ready(levels_of(self.scores, pattern, sparsities)), self.mesh)
+        share = (time.perf_counter() - start) / count
+        for index in range(count):
+            yield Pruned(self.params, tree, index, share)
 
 
 class SequentialMethod:
@@ -284,13 +406,15 @@ class SequentialMethod:
     def __init__(self, scorer: str, prepared: ModelRun, config: Any, settings: Any):
         self.method = "wanda" if scorer == "wanda_sequential" else scorer
         self.model = prepared.model
+        self.mesh = prepared.mesh
         self.batches = calibration(prepared, config, settings)
         self.options = {"where": prepared.where, "block_size": settings.sparsegpt_block_size,
                         "dampening": settings.sparsegpt_dampening}
         self.seconds = 0.0  # no work shared between levels
 
     def levels(self, pattern: Pattern, sparsities: Sequence[float]) -> Iterator[Pruned]:
-        """The pruned parameters of each sparsity, each pruned from the dense model."""
+        """The pruned parameters of each sparsity, each pruned from the dense model, with their
+        mask as a one-level levels tree (placed like the dense parameters)."""
         from es_jax import models
 
         for sparsity in sparsities:
@@ -302,16 +426,17 @@ class SequentialMethod:
                 self.model, self.batches, self.method, **shape, **self.options
             )
             jax.block_until_ready(pruned)
-            yield Pruned(pruned, mask, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            yield Pruned(place(pruned, self.mesh), place(as_levels(mask), self.mesh), 0, seconds)
 
 
 def method_of(
-    scorer: str, prepared: ModelRun, config: Any, settings: Any, apply: Callable[[Any, Any], Any]
+    scorer: str, prepared: ModelRun, config: Any, settings: Any
 ) -> ScoreMethod | SequentialMethod:
     """How a scorer prunes: one selection over its scores, or block by block per level."""
     if scorer in SEQUENTIAL_SCORERS:
         return SequentialMethod(scorer, prepared, config, settings)
-    return ScoreMethod(scorer, prepared, config, settings, apply)
+    return ScoreMethod(scorer, prepared, config, settings)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,7 +445,8 @@ def method_of(
 
 @dataclass
 class ModelRun:
-    """One loaded model with its evaluators, parameters, target selector and level scoring."""
+    """One loaded model with its evaluators, parameters (placed on its mesh), target selector,
+    mesh (None: the default device) and level scoring."""
 
     key: str
     model: Any
@@ -328,30 +454,41 @@ class ModelRun:
     params: Any
     where: str
     evaluators: dict[str, Evaluator]
-    # value(task, pruned params, mask or None for dense, seed or None) -> metric; fine-tunes
-    # first (with that seed's head, data order and split) if needed
-    value: Callable[[str, Any, Any, int | None], float]
+    # value(task, level, seed or None) -> metric; fine-tunes first (with that seed's head, data
+    # order and split, the level's mask fixed) if needed
+    value: Callable[[str, Pruned, int | None], float]
     seeds: tuple[int, ...] = ()  # a fine-tune task's seeds; () = evaluated once (zero-shot)
+    mesh: Mesh | None = None
 
 
-def prepare(key: str, settings: Any, config: Any, task_names: Sequence[str]) -> ModelRun:
-    """Loads a model and builds one evaluator per task (data tokenised once)."""
+def prepare(
+    key: str, settings: Any, config: Any, task_names: Sequence[str], mesh: Mesh | None
+) -> ModelRun:
+    """Loads a model, places its parameters on the mesh (the model holds the placed ones: one
+    copy) and builds one evaluator per task (data tokenised once) on that mesh."""
+    from flax import nnx
+
     from es_jax import models
 
     if task_registry.get(task_names[0]).protocol == "finetune":
         return prepare_finetune(key, settings, config, task_names[0])
     head = task_registry.get(task_names[0]).head
     model, tokenizer = load_model(settings, head, config.seed)
+    _, params, _ = split_params(model)
+    params = place(params, mesh)
+    nnx.update(model, params)
     built = {
-        name: task_registry.build_zero_shot(name, model, tokenizer, task_settings(config, settings))
+        name: task_registry.build_zero_shot(
+            name, model, tokenizer, task_settings(config, settings, mesh)
+        )
         for name in task_names
     }
-    _, params, _ = split_params(model)
 
-    def value(name: str, pruned: Any, mask: Any, seed: int | None) -> float:
-        return built[name](pruned)
+    def value(name: str, pruned: Pruned, seed: int | None) -> float:
+        return built[name](pruned.params, pruned.levels, pruned.index)
 
-    return ModelRun(key, model, tokenizer, params, models.prunable(model), built, value)
+    where = models.prunable(model)
+    return ModelRun(key, model, tokenizer, params, where, built, value, mesh=mesh)
 
 
 def prepare_finetune(key: str, settings: Any, config: Any, task_name: str) -> ModelRun:
@@ -379,10 +516,10 @@ def prepare_finetune(key: str, settings: Any, config: Any, task_name: str) -> Mo
     first = setup_of(seeds[0])
     _, params, _ = split_params(first.model)
 
-    def value(name: str, pruned: Any, mask: Any, seed: int | None) -> float:
+    def value(name: str, pruned: Pruned, seed: int | None) -> float:
         setup = setup_of(seed)
         trained, _ = finetune.finetune(
-            setup.model_fn, mask, setup.data.train, setup.ft_config, seed
+            setup.model_fn, mask_of(pruned), setup.data.train, setup.ft_config, seed
         )
         return setup.data.evaluator(nnx.state(trained, nnx.Param))
 
@@ -453,7 +590,6 @@ class LoadContext:
     stamp: str
     dense: dict[str, Measured]
     dense_sparsity: tuple[float, float]
-    apply: Callable[[Any, Any], Any]
 
 
 class Measured(NamedTuple):
@@ -513,34 +649,27 @@ def execute(
 ) -> None:
     """Everything one load of the plan holds: dense values, then each curve's levels; the mask
     plots on a model's first load; the evaluators' compilation counts."""
-    from es_jax import pruning
-
     settings = config.models[load.model]
-    prepared = prepare(load.model, settings, config, load.tasks)
+    prepared = prepare(load.model, settings, config, load.tasks, entry_mesh(config, load.tasks))
     stamp = fingerprint(load.model, settings, config)
-    context = LoadContext(
-        prepared,
-        config,
-        store,
-        bar,
-        stamp,
-        {},
-        measured(prepared.params, prepared.where),
-        jax.jit(pruning.apply),
+    dense = Pruned(
+        prepared.params, unpruned_levels(prepared.params, prepared.where, prepared.mesh), DENSE, 0.0
     )
-    context.dense = dense_values(context, load, settings)
+    context = LoadContext(prepared, config, store, bar, stamp, {}, measured(dense, prepared.mesh))
+    context.dense = dense_values(context, load, settings, dense)
+    del dense  # its zero levels array
     plot = mask_plot(settings, config) if load.plots else None
     for scorer in settings.scorers:
         curves = [curve for curve in load.curves if curve.scorer == scorer]
         if not curves and (plot is None or plot.scorer != scorer):
             continue
         bar.set_description(f"{load.model} {scorer} scores")
-        method = method_of(scorer, prepared, config, settings, context.apply)
+        method = method_of(scorer, prepared, config, settings)
         for curve in curves:
             plot = execute_curve(context, curve, method, plot, workdir)
         if plot is not None and plot.scorer == scorer:
             (level,) = method.levels(plot.pattern, [plot.sparsity])
-            plot_masks(prepared, level.mask, plot, workdir)
+            plot_masks(prepared, mask_of(level), plot, workdir)
             plot = None
         del method
     for name, evaluator in prepared.evaluators.items():
@@ -569,7 +698,7 @@ def execute_curve(
         label = f"{curve.pattern}/{curve.scorer}"
         for level, pruned in zip(levels, method.levels(pattern, sparsities), strict=True):
             if plotted and plot is not None and level.sparsity == plot.sparsity:
-                plot_masks(context.prepared, pruned.mask, plot, workdir)
+                plot_masks(context.prepared, mask_of(pruned), plot, workdir)
                 plot = None
             evaluate_level(context, records, label, level, pruned)
         levels = sweep_plan.missing_levels(context.config, records, pattern)
@@ -588,10 +717,13 @@ def plot_here(
 
 
 def dense_values(
-    context: LoadContext, load: sweep_plan.Load, settings: ml_collections.ConfigDict
+    context: LoadContext,
+    load: sweep_plan.Load,
+    settings: ml_collections.ConfigDict,
+    dense: Pruned,
 ) -> dict[str, Measured]:
-    """The dense metric of every task of the load: stored, or evaluated (per seed of a
-    fine-tune task) when the plan says."""
+    """The dense metric of every task of the load (`dense`: the unpruned level): stored, or
+    evaluated (per seed of a fine-tune task) when the plan says."""
     prepared = context.prepared
     values = {}
     for name in load.tasks:
@@ -602,7 +734,7 @@ def dense_values(
                 context,
                 f"{prepared.key}|{name}|dense",
                 label,
-                lambda seed, name=name: prepared.value(name, prepared.params, None, seed),
+                lambda seed, name=name: prepared.value(name, dense, seed),
             )
         else:
             runs = context.store.runs
@@ -665,17 +797,17 @@ def evaluate_level(
     level: sweep_plan.Level,
     pruned: Pruned,
 ) -> None:
-    """Evaluates the tasks that lack this level on its pruned parameters (per seed of a fine-tune
-    task); saves after each."""
+    """Evaluates the tasks that lack this level (per seed of a fine-tune task); saves after
+    each."""
     prepared = context.prepared
-    sparsity = measured(pruned.params, prepared.where)
+    sparsity = measured(pruned, prepared.mesh)
     for name in level.tasks:
         context.bar.set_description(f"{prepared.key}/{name} {label} {level.sparsity:.2f}")
         value = measure(
             context,
             f"{records[name]['id']}|{level.sparsity!r}",
             f"{prepared.key}/{name} at {level.sparsity:g} sparsity",
-            lambda seed, name=name: prepared.value(name, pruned.params, pruned.mask, seed),
+            lambda seed, name=name: prepared.value(name, pruned, seed),
         )
         record = level_record(level.sparsity, sparsity, value)
         record["prune_seconds"] = pruned.seconds
@@ -710,12 +842,33 @@ def level_record(
     return record
 
 
-def measured(params: Any, where: str) -> tuple[float, float]:
-    """Sparsity of the target set and of the whole model."""
-    from es_jax import pruning
+def measured(pruned: Pruned, mesh: Mesh | None) -> tuple[float, float]:
+    """Sparsity of the target set and of the whole model at this level: the zeros
+    `pruning.report` counts on the pruned parameters (the weights the level prunes and those
+    already 0), counted without pruning them."""
+    params, _ = jax.tree_util.tree_flatten(pruned.params)
+    levels, _ = jax.tree_util.tree_flatten(pruned.levels, is_leaf=lambda x: x is None)
+    zeros = [int(z) for z in np.asarray(zero_counts(mesh)(params, levels, np.int32(pruned.index)))]
+    sizes = [int(np.prod(p.shape, dtype=np.int64)) for p in params]
+    targets = [i for i, lv in enumerate(levels) if lv is not None]
+    target_size = sum(sizes[i] for i in targets)
+    target = sum(zeros[i] for i in targets) / target_size if target_size else 0.0
+    return target, sum(zeros) / sum(sizes)
 
-    report = pruning.report(params, where=where)
-    return float(report["target"]["sparsity"]), float(report["model"]["sparsity"])
+
+@functools.cache
+def zero_counts(mesh: Mesh | None) -> Callable[[list, list, Any], jax.Array]:
+    """A jitted (parameter leaves, their levels leaves (None off target), level index) ->
+    int32 count per leaf of the weights that are 0 at that level (levels value <= index, or the
+    weight itself 0), replicated on the mesh so every host reads them."""
+
+    def counts(params: list, levels: list, index: jax.Array) -> jax.Array:
+        return jnp.stack([
+            jnp.sum((p == 0) if lv is None else (p == 0) | (lv <= index), dtype=jnp.int32)
+            for p, lv in zip(params, levels, strict=True)
+        ])
+
+    return jax.jit(counts, out_shardings=None if mesh is None else mesh_lib.replicated(mesh))
 
 
 def mask_plot(settings: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> MaskPlot:

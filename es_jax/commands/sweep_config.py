@@ -7,9 +7,11 @@ sweep config to a smoke run of tiny random models (`with_variant`), and everythi
 checked before any work starts: sparsity patterns (global, layerwise, per_output, N:M), the
 grid, scorers and the patterns each takes, each model's family against the kind of model its
 tasks need, the calibration text, fine-tune settings and seeds, and a pre-training checkpoint
-source (`checkpoint:RUN_DIR[@STEP]`, its run and step), so a bad config fails with a ValueError
-up front. It also says what a model entry loads (`checkpoint_source`) and how its images are
-normalised (`image_normalisation`).
+source (`checkpoint:RUN_DIR[@STEP]`, its run and step), the parameter dtype, and the mesh
+(`config.mesh`: its shape against the devices, and every zero-shot entry's batch_size against
+the device count, since evaluation batches are split over every device), so a bad config fails
+with a ValueError up front. It also says what a model entry loads (`checkpoint_source`), in which
+dtype (`param_dtype`), and how its images are normalised (`image_normalisation`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from es_jax.analysis import essential
+from es_jax.commands.command_line import mesh_settings
 from es_jax.evaluate import tasks as task_registry
 
 # Scorers whose scores are computed once and give every level's mask by one selection.
@@ -63,6 +66,8 @@ CHECKPOINT_PREFIX = "checkpoint:"
 OBJECTIVE_MODEL_TYPE = {"mlm": "bert", "supervised": "vit", "dino": "vit"}
 # Fine-tune tasks outside the paper's Table 1 that take a Table 1 column's settings.
 PAPER_TASK = {"fashion_mnist_few": "fashion_mnist"}
+# The parameter dtypes a model entry may load its weights in (`dtype`).
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,6 +81,9 @@ def model_settings(**overrides: Any) -> ml_collections.ConfigDict:
             # bundled name ("minilm", "smollm2"), local HF folder, .gguf, hub id, or a run of
             # `es-jax pretrain`: "checkpoint:RUN_DIR" (its newest step) or "checkpoint:RUN_DIR@STEP"
             "name": "",
+            # the dtype the parameters are loaded and evaluated in (one of DTYPES); "bfloat16"
+            # halves a model's memory. A checkpoint: entry loads float32.
+            "dtype": "float32",
             # HF config.json fields of a random tiny model used instead of `name` (tests, smoke
             # runs): e.g. {"model_type": "bert", "hidden_size": 32, ...}. Empty = load `name`.
             "tiny": ml_collections.ConfigDict(),
@@ -131,6 +139,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Recompute (and replace) stored runs of this config that were computed with other settings;
     # by default a sweep refuses, so that a results.json never loses a run it was not told to.
     config.overwrite = False
+    # The device mesh zero-shot entries run on: parameters and level arrays sharded over `fsdp`,
+    # evaluation batches split over every device (es_jax.mesh); -1 takes the devices left.
+    config.mesh = mesh_settings()
     config.models = ml_collections.ConfigDict()
     config.models.minilm = model_settings(
         name="minilm",
@@ -177,9 +188,9 @@ def with_variant(
 
 def shrink(config: ml_collections.ConfigDict, family_of_entry: dict[str, str]) -> None:
     """Turns a paper config into a smoke run (in place): tiny random models, two levels, two
-    training steps, a few examples (2 images a class), at most two seeds, the first task and
-    pattern of each model entry, and one entry per distinct (family, model kind, pattern kind,
-    scorers)."""
+    training steps, a few examples (2 images a class), batches of 8 (they split over the 8 host
+    devices of the tests), at most two seeds, the first task and pattern of each model entry,
+    and one entry per distinct (family, model kind, pattern kind, scorers)."""
     from es_jax.models import hub
 
     config.grid = (0.0, 0.5)
@@ -202,7 +213,7 @@ def shrink(config: ml_collections.ConfigDict, family_of_entry: dict[str, str]) -
         settings.patterns = settings.patterns[:1]
         settings.max_examples = 8
         settings.max_train_examples = 16
-        settings.batch_size = 4
+        settings.batch_size = 8
         settings.max_length = 32
         settings.lm_length = 32
         settings.lm_blocks = 4
@@ -454,6 +465,44 @@ def check_multiple_choice(key: str, settings: ml_collections.ConfigDict) -> None
         raise ValueError(f"models.{key}.mc_shots must be >= 0, got {settings.mc_shots}.")
 
 
+def param_dtype(settings: ml_collections.ConfigDict) -> Any:
+    """The numpy dtype a model entry's parameters load in (its `dtype`)."""
+    import jax.numpy as jnp
+
+    return jnp.dtype(settings.dtype)
+
+
+def check_dtype(key: str, settings: ml_collections.ConfigDict) -> None:
+    """Refuses a dtype outside DTYPES, and another than float32 on a checkpoint: entry (a
+    pre-training run's weights load as they were trained)."""
+    if settings.dtype not in DTYPES:
+        raise ValueError(f"models.{key}.dtype={settings.dtype!r}; use one of {DTYPES}.")
+    if settings.dtype != "float32" and str(settings.name).startswith(CHECKPOINT_PREFIX):
+        raise ValueError(
+            f"models.{key}.dtype={settings.dtype!r}: a checkpoint: entry loads its run's float32 "
+            "weights; remove dtype from this entry."
+        )
+
+
+def check_mesh(config: ml_collections.ConfigDict) -> None:
+    """Refuses a `config.mesh` whose shape is not the devices (es_jax.mesh.mesh_shape), and a
+    zero-shot entry whose batch_size does not divide by the device count (its evaluation
+    batches are split over every device)."""
+    import jax
+
+    from es_jax.mesh import mesh_shape
+
+    devices = jax.device_count()
+    mesh_shape(int(config.mesh.data), int(config.mesh.fsdp), devices)
+    for key, settings in config.models.items():
+        zero_shot = task_registry.get(settings.tasks[0]).protocol == "zero_shot"
+        if zero_shot and settings.batch_size % devices:
+            raise ValueError(
+                f"models.{key}.batch_size={settings.batch_size} does not split over the "
+                f"{devices} devices of config.mesh; set a multiple of {devices}."
+            )
+
+
 def run_seeds(settings: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> tuple:
     """The seeds a fine-tune entry fine-tunes every level with: its `seeds`, or config.seed."""
     return tuple(settings.seeds) or (config.seed,)
@@ -532,6 +581,7 @@ def validate(config: ml_collections.ConfigDict) -> dict[str, str]:
             if settings[name] <= 0:
                 raise ValueError(f"models.{key}.{name} must be positive, got {settings[name]}.")
         check_examples(key, settings)
+        check_dtype(key, settings)
         check_multiple_choice(key, settings)
         check_held_out(key, settings)
         family = family_name(model_type(settings))
@@ -563,4 +613,5 @@ def validate(config: ml_collections.ConfigDict) -> dict[str, str]:
         check_seeds(key, settings, protocols.pop())
         image_normalisation(settings)
         families[key] = family
+    check_mesh(config)
     return families

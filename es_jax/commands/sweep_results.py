@@ -35,7 +35,7 @@ from es_jax.evaluate.tasks import UNIT_RANGE
 
 SCHEMA_VERSION = 1
 # Model settings added after results were first stored, with their defaults (see fingerprint).
-NEW_SETTINGS = {"seeds": (), "labels_per_class": 100}
+NEW_SETTINGS = {"seeds": (), "labels_per_class": 100, "dtype": "float32"}
 RESULTS_FILE = "results.json"
 LOCK_FILE = ".sweep.lock"
 
@@ -49,7 +49,8 @@ def fingerprint(key: str, settings: ml_collections.ConfigDict, config: Any) -> s
 
     Settings added later are hashed only where they differ from their default, so that a
     stored run of a config that does not use them keeps its fingerprint: the fine-tune `seeds`
-    (when given), `labels_per_class` (when not 100), and the pixel normalisation (mean, std)
+    (when given), `labels_per_class` (when not 100), the parameter `dtype` (when not float32:
+    another dtype gives other values), and the pixel normalisation (mean, std)
     of a vision model that does not take [-1, 1] pixels (`sweep_config.image_normalisation`).
     A pre-training checkpoint's resolved "RUN_DIR@STEP" is hashed too, so a run that saved a
     newer step since is computed again.

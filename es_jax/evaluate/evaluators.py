@@ -6,6 +6,16 @@ parameters of any sparsity level reuses the same compiled program: the padded fi
 shape of the others, and the parameters keep their structure and dtypes. `compilations()` reads
 the jit cache sizes, so tests and benchmarks can check that ten levels cost one compilation.
 
+A sweep keeps no pruned copy of the weights: `evaluator(params, levels, level)` takes the dense
+parameters and a tree of nested pruning levels (`pruning.levels`, one uint8 per target weight)
+and zeroes the weights level `level` prunes inside the compiled forward pass (`Masked`); level -1
+prunes nothing, so the dense model and every level share one compiled program.
+
+On a device mesh (`mesh=` of the builders) the batches are split along their first axis over all
+its devices (`es_jax.mesh.batch_sharding`; the batch size must divide by the device count), the
+parameters keep the sharding they come with, and every output is replicated, so each host reads
+the whole result.
+
 Batches are dicts of numpy arrays with `input_ids`, `attention_mask` (optionally `token_type_ids`,
 `pixel_values`, `label`, ...) and `weights` (1 for real rows, 0 for padding rows). The k-NN
 evaluator recomputes its bank's and test images' features from the parameters it is given, so a
@@ -17,23 +27,50 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
+from es_jax import pruning
 from es_jax.evaluate import metrics
+from es_jax.mesh import batch_sharding, replicated
 
 Batch = dict[str, np.ndarray]
 Apply = Callable[[nnx.Module, dict[str, jax.Array]], Any]
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+DENSE = -1  # the level index that prunes nothing
+
+
+class Masked(NamedTuple):
+    """Parameters with nested pruning levels, pruned inside the compiled forward pass.
+
+    `levels` is a tree made by `pruning.levels` (uint8 on target leaves, None elsewhere) with the
+    parameters' structure; `level` an int32 scalar. The forward pass sees each target weight
+    where its levels value exceeds `level` (`pruning.mask_at(levels, level)`) and 0 elsewhere;
+    `level` -1 (DENSE) keeps every weight. Every level has the same shapes, so one compiled
+    program serves them all.
+    """
+
+    params: Any
+    levels: Any
+    level: Any
+
+
+def masked_params(masked: Masked) -> Any:
+    """The parameters level `masked.level` leaves: `pruning.apply(params, levels > level)` (jit-
+    able, the level traced)."""
+    keep = jax.tree.map(lambda levels: levels > masked.level, masked.levels)
+    return pruning.apply(masked.params, keep)
 
 
 @dataclass(frozen=True)
 class Forward:
-    """A model's forward pass as a jitted function of its parameters and a batch."""
+    """A model's forward pass as a jitted function of its parameters (a tree, or `Masked`) and a
+    batch."""
 
     jitted: Callable
     rest: Any
@@ -53,19 +90,31 @@ def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]
     return nnx.split(model, nnx.Param, ...)
 
 
-def make_forward(model: nnx.Module, apply: Apply) -> Forward:
-    """Jits `apply(model, batch)` as a pure function of (params, rest, batch)."""
+def make_forward(model: nnx.Module, apply: Apply, mesh: Mesh | None = None) -> Forward:
+    """Jits `apply(model, batch)` as a pure function of (params, rest, batch), where params is a
+    parameter tree or `Masked` (pruned inside the program). The non-parameter state (`rest`) is
+    a copy of the model's at this call, so later runs of the model (which advance its RNG
+    counters) neither change what the evaluator computes nor recompile it. On a mesh that state
+    is replicated over it and every output is replicated."""
     graphdef, _, rest = split_params(model)
+    rest = jax.tree.map(lambda x: x, rest)  # new variables: the model's own change in place
 
-    def forward(params: nnx.State, rest: nnx.State, batch: dict[str, jax.Array]) -> Any:
+    def forward(params: Any, rest: nnx.State, batch: dict[str, jax.Array]) -> Any:
+        if isinstance(params, Masked):
+            params = masked_params(params)
         return apply(nnx.merge(graphdef, params, rest), batch)
 
-    return Forward(jax.jit(forward), rest)
+    if mesh is None:
+        return Forward(jax.jit(forward), rest)
+    placed = jax.device_put(rest, replicated(mesh))
+    return Forward(jax.jit(forward, out_shardings=replicated(mesh)), placed)
 
 
 @dataclass
 class Evaluator:
-    """One task's metric as a function of the parameters; `__call__(params) -> float`."""
+    """One task's metric as a function of the parameters: `__call__(params, levels=None,
+    level=DENSE) -> float`. `score` takes a parameter tree or `Masked` and hands it unopened to
+    its `forwards`, which prune inside their programs."""
 
     task: str
     metric: str
@@ -74,9 +123,14 @@ class Evaluator:
     forwards: tuple[Forward, ...]
     num_examples: int
 
-    def __call__(self, params: Any) -> float:
-        """The metric of the model with these parameters."""
-        return float(self.score(params))
+    def __call__(self, params: Any, levels: Any = None, level: int = DENSE) -> float:
+        """The metric of the model with these parameters; with `levels` (a `pruning.levels`
+        tree) that of level `level`, its pruned weights zeroed inside the compiled forward pass
+        (`Masked`; level -1, DENSE, prunes nothing). Calls with `levels` share one compiled
+        program, calls without it another."""
+        if levels is None:
+            return float(self.score(params))
+        return float(self.score(Masked(params, levels, np.int32(level))))
 
     def compilations(self) -> int:
         """Total number of compiled programs behind this evaluator."""
@@ -99,9 +153,26 @@ def mean_pooled(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
     return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
 
 
-def device_batches(batches: Iterable[Batch], keys: Sequence[str]) -> list[dict[str, jax.Array]]:
-    """Moves the given keys of each batch to the device once, for reuse at every level."""
-    return [{k: jnp.asarray(b[k]) for k in keys if k in b} for b in batches]
+def device_batches(
+    batches: Iterable[Batch], keys: Sequence[str], mesh: Mesh | None = None
+) -> list[dict[str, jax.Array]]:
+    """Moves the given keys of each batch to the device once, for reuse at every level: to the
+    default device, or on a mesh split along the first axis over all its devices (every host
+    passes the same batches). ValueError when a batch's rows do not divide by the device count."""
+    if mesh is None:
+        return [{k: jnp.asarray(b[k]) for k in keys if k in b} for b in batches]
+    placement = batch_sharding(mesh)
+    out = []
+    for b in batches:
+        chosen = {k: b[k] for k in keys if k in b}
+        rows = len(next(iter(chosen.values())))
+        if rows % mesh.size:
+            raise ValueError(
+                f"a batch of {rows} rows does not split over the mesh's {mesh.size} devices; use "
+                f"a batch size that is a multiple of {mesh.size}."
+            )
+        out.append(jax.device_put(chosen, placement))
+    return out
 
 
 def _require_examples(batches: list[Batch], task: str) -> int:
@@ -123,7 +194,11 @@ def embeddings(forward: Forward, params: Any, batches: list[Batch], on_device: l
 
 
 def document_similarity(
-    model: nnx.Module, batches: list[Batch], human: np.ndarray, task: str = "lee"
+    model: nnx.Module,
+    batches: list[Batch],
+    human: np.ndarray,
+    task: str = "lee",
+    mesh: Mesh | None = None,
 ) -> Evaluator:
     """Spearman x 100 of embedding cosines against a human similarity matrix (upper triangle)."""
     count = _require_examples(batches, task)
@@ -132,8 +207,8 @@ def document_similarity(
             f"task {task!r}: the human matrix has shape {human.shape} but there are {count} "
             "documents; they must match."
         )
-    forward = make_forward(model, mean_pooled)
-    on_device = device_batches(batches, TEXT_INPUTS)
+    forward = make_forward(model, mean_pooled, mesh)
+    on_device = device_batches(batches, TEXT_INPUTS, mesh)
     human_pairs = metrics.upper_triangle(human)
 
     def score(params: Any) -> float:
@@ -150,6 +225,7 @@ def word_pair_similarity(
     pairs: Sequence[tuple[str, str]],
     human: np.ndarray,
     task: str,
+    mesh: Mesh | None = None,
 ) -> Evaluator:
     """Spearman x 100 of word-embedding cosines against human ratings of word pairs.
 
@@ -167,8 +243,8 @@ def word_pair_similarity(
         raise ValueError(f"task {task!r}: words {missing[:5]} of the pairs were not embedded.")
     left = np.array([index[a] for a, _ in pairs])
     right = np.array([index[b] for _, b in pairs])
-    forward = make_forward(model, mean_pooled)
-    on_device = device_batches(batches, TEXT_INPUTS)
+    forward = make_forward(model, mean_pooled, mesh)
+    on_device = device_batches(batches, TEXT_INPUTS, mesh)
 
     def score(params: Any) -> float:
         vectors = embeddings(forward, params, batches, on_device)
@@ -206,13 +282,24 @@ def masked_lm_nll(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.A
     return _token_nll(logits, jnp.maximum(labels, 0), mask), mask.sum()
 
 
+class LossSpec(NamedTuple):
+    """What an NLL evaluator computes: its task and metric name, the jitted (nll_sum,
+    token_count) of a batch, and the batch keys it reads."""
+
+    task: str
+    metric: str
+    apply: Apply
+    keys: tuple[str, ...]
+
+
 def _nll_evaluator(
-    model: nnx.Module, batches: list[Batch], apply: Apply, task: str, metric: str, keys: tuple
+    model: nnx.Module, batches: list[Batch], spec: LossSpec, mesh: Mesh | None
 ) -> Evaluator:
     """Perplexity or mean loss from a jitted (nll_sum, token_count) per batch."""
+    task, metric = spec.task, spec.metric
     count = _require_examples(batches, task)
-    forward = make_forward(model, apply)
-    on_device = device_batches(batches, (*keys, "weights"))
+    forward = make_forward(model, spec.apply, mesh)
+    on_device = device_batches(batches, (*spec.keys, "weights"), mesh)
 
     def score(params: Any) -> float:
         totals = [forward(params, batch) for batch in on_device]
@@ -224,21 +311,28 @@ def _nll_evaluator(
     return Evaluator(task, metric, False, score, (forward,), count)
 
 
-def perplexity(model: nnx.Module, batches: list[Batch], task: str = "wikitext") -> Evaluator:
+def perplexity(
+    model: nnx.Module, batches: list[Batch], task: str = "wikitext", mesh: Mesh | None = None
+) -> Evaluator:
     """Perplexity (exp of mean next-token NLL) of a causal LM on fixed token blocks."""
-    return _nll_evaluator(model, batches, causal_lm_nll, task, "perplexity", TEXT_INPUTS[:2])
+    spec = LossSpec(task, "perplexity", causal_lm_nll, TEXT_INPUTS[:2])
+    return _nll_evaluator(model, batches, spec, mesh)
 
 
-def lm_loss(model: nnx.Module, batches: list[Batch], task: str = "wikitext") -> Evaluator:
+def lm_loss(
+    model: nnx.Module, batches: list[Batch], task: str = "wikitext", mesh: Mesh | None = None
+) -> Evaluator:
     """Mean next-token NLL (nats per token) of a causal LM on fixed token blocks."""
-    return _nll_evaluator(model, batches, causal_lm_nll, task, "lm_loss", TEXT_INPUTS[:2])
+    spec = LossSpec(task, "lm_loss", causal_lm_nll, TEXT_INPUTS[:2])
+    return _nll_evaluator(model, batches, spec, mesh)
 
 
-def mlm_loss(model: nnx.Module, batches: list[Batch], task: str = "wikitext_mlm") -> Evaluator:
+def mlm_loss(
+    model: nnx.Module, batches: list[Batch], task: str = "wikitext_mlm", mesh: Mesh | None = None
+) -> Evaluator:
     """Mean NLL at masked positions of a masked LM; batches carry fixed `mlm_labels`."""
-    return _nll_evaluator(
-        model, batches, masked_lm_nll, task, "mlm_loss", (*TEXT_INPUTS, "mlm_labels")
-    )
+    spec = LossSpec(task, "mlm_loss", masked_lm_nll, (*TEXT_INPUTS, "mlm_labels"))
+    return _nll_evaluator(model, batches, spec, mesh)
 
 
 def mask_tokens(
@@ -267,15 +361,19 @@ def classify(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
 
 
 def classification(
-    model: nnx.Module, batches: list[Batch], task: str, metric: str = "accuracy"
+    model: nnx.Module,
+    batches: list[Batch],
+    task: str,
+    metric: str = "accuracy",
+    mesh: Mesh | None = None,
 ) -> Evaluator:
     """Accuracy or binary F1 (x 100) of a classifier; batches carry int `label`."""
     if metric not in ("accuracy", "f1"):
         raise ValueError(f"task {task!r}: metric must be accuracy or f1, not {metric!r}.")
     _require_examples(batches, task)
-    forward = make_forward(model, classify)
+    forward = make_forward(model, classify, mesh)
     keys = (*TEXT_INPUTS, "pixel_values")
-    on_device = device_batches(batches, keys)
+    on_device = device_batches(batches, keys, mesh)
     labels = np.concatenate([b["label"][b["weights"] > 0] for b in batches])
 
     def score(params: Any) -> float:
@@ -305,6 +403,7 @@ def question_answering(
     task: str = "squad",
     metric: str = "f1",
     max_answer_length: int = 30,
+    mesh: Mesh | None = None,
 ) -> Evaluator:
     """SQuAD F1 or exact match (x 100): best span per example over its features.
 
@@ -317,8 +416,8 @@ def question_answering(
     count = _require_examples(batches, task)
     if count != len(features):
         raise ValueError(f"task {task!r}: {count} real rows but {len(features)} feature records.")
-    forward = make_forward(model, span_logits)
-    on_device = device_batches(batches, TEXT_INPUTS)
+    forward = make_forward(model, span_logits, mesh)
+    on_device = device_batches(batches, TEXT_INPUTS, mesh)
 
     def score(params: Any) -> float:
         best: dict[Any, tuple[float, str]] = {}
@@ -355,6 +454,7 @@ def knn_classification(
     k: int = 20,
     temperature: float = 0.07,
     task: str,
+    mesh: Mesh | None = None,
 ) -> Evaluator:
     """k-NN accuracy x 100 of an image backbone's [CLS] features (`es_jax.evaluate.knn`): each
     test image takes the temperature-weighted vote of its k nearest bank images. Both feature
@@ -364,9 +464,9 @@ def knn_classification(
 
     _require_examples(bank_batches, task)
     count = _require_examples(test_batches, task)
-    forward = make_forward(model, cls_features)
-    bank_on_device = device_batches(bank_batches, ("pixel_values",))
-    test_on_device = device_batches(test_batches, ("pixel_values",))
+    forward = make_forward(model, cls_features, mesh)
+    bank_on_device = device_batches(bank_batches, ("pixel_values",), mesh)
+    test_on_device = device_batches(test_batches, ("pixel_values",), mesh)
     bank_labels = np.concatenate([b["label"][b["weights"] > 0] for b in bank_batches])
     test_labels = np.concatenate([b["label"][b["weights"] > 0] for b in test_batches])
 

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from es_jax.data.images import UNIT_RANGE, Normalisation
 from es_jax.evaluate import evaluators
@@ -56,6 +57,9 @@ class TaskSettings:
     labels_per_class: int = 100
     image_size: int = 224  # images are resized to this square size (the model's)
     normalisation: Normalisation = UNIT_RANGE
+    # The device mesh the evaluator runs on (batches split over all its devices, so batch_size
+    # must divide by its device count); None = the default device.
+    mesh: Mesh | None = None
 
 
 @dataclass(frozen=True)
@@ -148,7 +152,9 @@ def build_lee(model: nnx.Module, tokenizer: Any, settings: TaskSettings) -> eval
     documents, human = data.lee_similarity(settings.data_dir or None)
     n = len(_limited(documents, settings.max_examples))
     batches = text_batches(documents[:n], tokenizer, settings.max_length, settings.batch_size)
-    return evaluators.document_similarity(model, batches, human[:n, :n], task="lee")
+    return evaluators.document_similarity(
+        model, batches, human[:n, :n], task="lee", mesh=settings.mesh
+    )
 
 
 def build_word_pairs(
@@ -162,7 +168,9 @@ def build_word_pairs(
     human = human[: len(pairs)]
     words = sorted({word for pair in pairs for word in pair})
     batches = text_batches(words, tokenizer, settings.word_max_length, settings.batch_size)
-    return evaluators.word_pair_similarity(model, batches, words, pairs, human, task=name)
+    return evaluators.word_pair_similarity(
+        model, batches, words, pairs, human, task=name, mesh=settings.mesh
+    )
 
 
 def text_prefix(documents: list[str], characters: int) -> list[str]:
@@ -237,8 +245,8 @@ def build_wikitext(
     """Perplexity or LM loss of a causal LM on the fixed Wikipedia text."""
     batches = wikipedia_blocks(tokenizer, settings)
     if metric == "perplexity":
-        return evaluators.perplexity(model, batches, task="wikitext")
-    return evaluators.lm_loss(model, batches, task="wikitext_loss")
+        return evaluators.perplexity(model, batches, task="wikitext", mesh=settings.mesh)
+    return evaluators.lm_loss(model, batches, task="wikitext_loss", mesh=settings.mesh)
 
 
 def build_wikitext_mlm(
@@ -255,7 +263,7 @@ def build_wikitext_mlm(
             special,
             seed=settings.seed + i,
         )
-    return evaluators.mlm_loss(model, batches, task="wikitext_mlm")
+    return evaluators.mlm_loss(model, batches, task="wikitext_mlm", mesh=settings.mesh)
 
 
 def build_mmlu(model: nnx.Module, tokenizer: Any, settings: TaskSettings) -> evaluators.Evaluator:
@@ -635,6 +643,7 @@ def build_knn(name: str, model: nnx.Module, s: TaskSettings) -> evaluators.Evalu
         k=min(KNN_NEIGHBOURS, len(split.train)),
         temperature=KNN_TEMPERATURE,
         task=name,
+        mesh=s.mesh,
     )
 
 

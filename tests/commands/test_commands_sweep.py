@@ -43,7 +43,7 @@ def tiny_config(data_dir: str) -> ml_collections.ConfigDict:
         patterns=("global",),
         lm_length=32,
         lm_blocks=6,
-        batch_size=4,
+        batch_size=8,
         calibration_blocks=2,
         calibration_length=32,
     )
@@ -253,11 +253,11 @@ def test_a_crashed_sweep_resumes_where_it_stopped(tmp_path, data_dir, monkeypatc
     calls = []
     original = sweep.Evaluator.__call__
 
-    def crash_on_fourth(self, params):
+    def crash_on_fourth(self, params, *level):
         calls.append(1)
         if len(calls) == 4:
             raise RuntimeError("simulated crash")
-        return original(self, params)
+        return original(self, params, *level)
 
     monkeypatch.setattr(sweep.Evaluator, "__call__", crash_on_fourth)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -268,7 +268,7 @@ def test_a_crashed_sweep_resumes_where_it_stopped(tmp_path, data_dir, monkeypatc
     monkeypatch.setattr(sweep.Evaluator, "__call__", original)
     counted = []
     monkeypatch.setattr(
-        sweep.Evaluator, "__call__", lambda self, p: counted.append(1) or original(self, p)
+        sweep.Evaluator, "__call__", lambda self, *args: counted.append(1) or original(self, *args)
     )
     results = sweep.run(config, tmp_path, progress=False)
     assert len(counted) == 1  # only the level at 0.9; dense was stored too

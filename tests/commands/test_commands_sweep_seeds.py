@@ -58,9 +58,9 @@ def test_a_run_without_seeds_gets_no_noise_fields():
 
 
 def old_fingerprint(key, settings, config) -> str:
-    """The fingerprint before seeds, labels_per_class and normalisation existed."""
+    """The fingerprint before seeds, labels_per_class, dtype and normalisation existed."""
     relevant = settings.to_dict()
-    for name in ("tasks", "scorers", "patterns", "seeds", "labels_per_class"):
+    for name in ("tasks", "scorers", "patterns", "seeds", "labels_per_class", "dtype"):
         relevant.pop(name)
     relevant.update(key=key, seed=config.seed, data_dir=config.data_dir)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[

@@ -111,9 +111,9 @@ def test_a_non_finite_metric_is_an_error_and_never_stored(tmp_path, data_dir, mo
     original = sweep.Evaluator.__call__
     calls = []
 
-    def nan_at_the_second_level(self, params):
+    def nan_at_the_second_level(self, params, *level):
         calls.append(1)
-        return float("nan") if len(calls) == 2 else original(self, params)
+        return float("nan") if len(calls) == 2 else original(self, params, *level)
 
     monkeypatch.setattr(sweep.Evaluator, "__call__", nan_at_the_second_level)
     with pytest.raises(ValueError, match=r"bert/wordsim353 at 0.5 sparsity: the metric is nan"):

@@ -106,7 +106,7 @@ def test_only_a_normalisation_other_than_unit_range_enters_the_fingerprint(hub_f
               for folder in (hub_folder, plain)]
     entry = folder_entry(plain)
     relevant = entry.to_dict()
-    for name in ("tasks", "scorers", "patterns", "seeds", "labels_per_class"):
+    for name in ("tasks", "scorers", "patterns", "seeds", "labels_per_class", "dtype"):
         relevant.pop(name)
     relevant.update(key="vit", seed=config.seed, data_dir=config.data_dir)
     old = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()

@@ -1,11 +1,14 @@
-"""Evaluators on tiny random models: correct values, one compilation for many parameter sets."""
+"""Evaluators on tiny random models: correct values, one compilation for many parameter sets,
+pruning levels applied inside the forward pass, the same values on a 4x2 device mesh."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from es_jax import mesh, pruning
 from es_jax.evaluate import evaluators, metrics
 
 
@@ -173,3 +176,112 @@ def test_classification_accuracy_matches_argmax():
     _, params, _ = evaluators.split_params(model)
     assert evaluator(params) == pytest.approx(100 * 4 / 7)
     assert evaluator.num_examples == 7
+
+
+def numpy_perplexity(embedding: np.ndarray, kernel: np.ndarray, bias: np.ndarray, ids) -> float:
+    """Perplexity of TinyCausalLM's logits (embedding rows @ kernel + bias) in float64 numpy."""
+    logits = embedding[ids].astype(np.float64) @ kernel.astype(np.float64) + bias
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    return float(np.exp(-np.take_along_axis(log_probs[:, :-1], ids[:, 1:, None], -1).mean()))
+
+
+@pytest.fixture(scope="module")
+def lm_setup():
+    """A TinyCausalLM large enough to be FSDP-sharded (8,192-weight matrices), its token ids,
+    and nested levels (0.3, 0.6, 0.9) over its embedding and head kernel by magnitude."""
+    ids = np.random.default_rng(5).integers(1, 128, size=(16, 6))
+    model = TinyCausalLM(vocab=128, hidden=64, rngs=nnx.Rngs(5))
+    _, params, _ = evaluators.split_params(model)
+    scores = pruning.magnitude(params, where=r"(embed/embedding|head/kernel)")
+    levels = pruning.levels(scores, [0.3, 0.6, 0.9])
+    return model, ids, params, levels
+
+
+def test_masking_inside_the_forward_pass_equals_the_pruned_copy_and_numpy(lm_setup):
+    model, ids, params, levels = lm_setup
+    evaluator = evaluators.perplexity(model, batches_of(ids, 8), task="toy")
+    embedding = np.asarray(params["embed"]["embedding"])
+    kernel = np.asarray(params["head"]["kernel"])
+    bias = np.asarray(params["head"]["bias"], np.float64)
+    for index in range(3):
+        masked = evaluator(params, levels, index)
+        copy = evaluator(pruning.apply(params, pruning.mask_at(levels, index)))
+        keep_embedding = np.asarray(levels["embed"]["embedding"]) > index
+        keep_kernel = np.asarray(levels["head"]["kernel"]) > index
+        expected = numpy_perplexity(embedding * keep_embedding, kernel * keep_kernel, bias, ids)
+        assert masked == pytest.approx(copy, rel=1e-6)
+        assert masked == pytest.approx(expected, rel=1e-4)
+    dense = numpy_perplexity(embedding, kernel, bias, ids)
+    assert evaluator(params, levels, evaluators.DENSE) == pytest.approx(dense, rel=1e-4)
+    assert evaluator(params) == pytest.approx(dense, rel=1e-4)
+
+
+def test_the_dense_model_and_every_level_share_one_compiled_program(lm_setup):
+    model, ids, params, levels = lm_setup
+    evaluator = evaluators.perplexity(model, batches_of(ids, 8), task="toy")
+    values = [evaluator(params, levels, index) for index in (evaluators.DENSE, 0, 1, 2)]
+    assert evaluator.compilations() == 1
+    assert len(set(values)) == 4  # every level prunes other weights
+    evaluator(params)  # an unmasked call is a program of its own
+    assert evaluator.compilations() == 2
+
+
+def test_an_evaluator_on_a_4x2_mesh_equals_the_single_device_one(lm_setup):
+    model, ids, params, levels = lm_setup
+    device_mesh = mesh.make_mesh(4, 2)
+    sharded_params = mesh.shard(params, device_mesh)
+    sharded_levels = mesh.shard(levels, device_mesh)
+    assert sharded_params["head"]["kernel"].sharding.spec == P(None, "fsdp")
+    assert sharded_levels["head"]["kernel"].sharding.spec == P(None, "fsdp")
+    single = evaluators.perplexity(model, batches_of(ids, 8), task="toy")
+    on_mesh = evaluators.perplexity(model, batches_of(ids, 8), task="toy", mesh=device_mesh)
+    for index in (evaluators.DENSE, 0, 2):
+        assert on_mesh(sharded_params, sharded_levels, index) == pytest.approx(
+            single(params, levels, index), rel=1e-5
+        )
+    assert on_mesh.compilations() == 1
+
+
+def test_mesh_batches_are_split_over_every_device_and_outputs_replicated(lm_setup):
+    model, ids, params, _ = lm_setup
+    device_mesh = mesh.make_mesh(4, 2)
+    (placed,) = evaluators.device_batches(batches_of(ids[:8], 8), ("input_ids",), device_mesh)
+    assert placed["input_ids"].sharding.spec == P(mesh.MESH_AXES)
+    assert len(placed["input_ids"].addressable_shards) == 8
+    forward = evaluators.make_forward(model, evaluators.causal_lm_nll, device_mesh)
+    keys = ("input_ids", "attention_mask", "weights")
+    (batch,) = evaluators.device_batches(batches_of(ids[:8], 8), keys, device_mesh)
+    nll, tokens = forward(mesh.shard(params, device_mesh), batch)
+    assert nll.sharding.is_fully_replicated
+    assert tokens.sharding.is_fully_replicated
+    assert float(tokens) == 8 * 5
+
+
+def test_a_batch_that_does_not_split_over_the_mesh_is_refused(lm_setup):
+    model, ids, _, _ = lm_setup
+    with pytest.raises(ValueError, match="a batch of 4 rows does not split over the mesh's 8"):
+        evaluators.perplexity(model, batches_of(ids, 4), task="toy", mesh=mesh.make_mesh(4, 2))
+
+
+class ShiftedCausalLM(TinyCausalLM):
+    """TinyCausalLM whose logits are shifted by a non-parameter state variable (as an RNG
+    counter or a running statistic is state the model updates when it runs)."""
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        super().__init__(rngs=rngs)
+        self.shift = nnx.BatchStat(jnp.zeros((50,)))
+
+    def __call__(self, input_ids, attention_mask=None):
+        return super().__call__(input_ids) + self.shift[...]
+
+
+def test_an_evaluator_keeps_the_model_state_it_was_built_with():
+    ids = np.random.default_rng(6).integers(1, 50, size=(4, 6))
+    model = ShiftedCausalLM(rngs=nnx.Rngs(6))
+    evaluator = evaluators.perplexity(model, batches_of(ids, 2), task="toy")
+    _, params, _ = evaluators.split_params(model)
+    before = evaluator(params)
+    model.shift[...] = jnp.arange(50.0)  # the model's own state changes after the build
+    assert evaluator(params) == before
+    assert evaluator.compilations() == 1
+    assert evaluators.perplexity(model, batches_of(ids, 2), task="toy")(params) != before
