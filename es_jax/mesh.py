@@ -105,7 +105,28 @@ def state_shardings(tree: Any, mesh: Mesh) -> Any:
 
 def shard(tree: Any, mesh: Mesh) -> Any:
     """`tree` placed on the mesh by `state_shardings` (every host must pass the same values)."""
-    return jax.device_put(tree, state_shardings(tree, mesh))
+    return put(tree, state_shardings(tree, mesh))
+
+
+def put(tree: Any, shardings: Any) -> Any:
+    """Every leaf of `tree` placed as `shardings` says (one sharding for all, or a tree of them),
+    also on a mesh that spans several hosts: there each host builds its own devices' shards from
+    its copy of the values (which every host must hold alike), as `jax.device_put` cannot."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda leaf: _put_leaf(leaf, shardings), tree)
+    return jax.tree.map(_put_leaf, tree, shardings)
+
+
+def _put_leaf(leaf: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    """One array placed as `sharding` (see `put`); PRNG key arrays through their key data."""
+    global_already = isinstance(leaf, jax.Array) and not leaf.is_fully_addressable
+    if sharding.is_fully_addressable or global_already:
+        return jax.device_put(leaf, sharding)
+    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        data = _put_leaf(jax.random.key_data(leaf), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+    host = np.asarray(leaf)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:

@@ -244,10 +244,13 @@ def training_records(log_path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def save_figure(figure: plt.Figure, path: str | os.PathLike) -> epath.Path:
     """Writes the figure as PNG (a local path or a bucket URL, through etils.epath) and closes
-    it."""
+    it; on a multi-host run host 0 alone writes (every host draws the same figure)."""
+    import jax
+
     path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as file:
-        figure.savefig(file, format="png", dpi=110)
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as file:
+            figure.savefig(file, format="png", dpi=110)
     plt.close(figure)
     return path

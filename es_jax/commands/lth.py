@@ -31,7 +31,6 @@ only host 0 writes results.json, the CSV, the plots and summary.md, and holds th
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import itertools
 import json
@@ -79,7 +78,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool =
     start = time.perf_counter()
     entry = lth_config.model_entry(config)
     mesh = mesh_lib.from_config(config.mesh)
-    with workdir_lock(workdir):
+    with exclusive(workdir, "lth"):
         store = Store(workdir, config)
         pairs = list(itertools.product(config.seeds, config.tasks))
         visible = progress and jax.process_index() == 0
@@ -103,14 +102,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool =
         plot(results, workdir)
         (workdir / "summary.md").write_text(summary_table(results) + "\n")
     return results
-
-
-def workdir_lock(workdir: Path) -> contextlib.AbstractContextManager:
-    """The workdir's lock for this run (`exclusive`), held by host 0 alone: the other hosts of
-    the run share its workdir."""
-    if jax.process_index() == 0:
-        return exclusive(workdir, "lth")
-    return contextlib.nullcontext()
 
 
 def compare(config: ml_collections.ConfigDict, entry: ml_collections.ConfigDict, store: Store,

@@ -63,6 +63,7 @@ from es_jax.commands.sweep_results import (
     exclusive,
     finalise,
     fingerprint,
+    is_writer,
     level_of,
     levels_table,
     read_results,
@@ -94,10 +95,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool =
         store = ResultsStore(workdir, config)
         check_stale(config, store)
         loads = sweep_plan.plan(config, store.runs)
-        with tqdm(total=sweep_plan.evaluations(loads), disable=not progress, unit="eval") as bar:
+        visible = progress and is_writer()
+        with tqdm(total=sweep_plan.evaluations(loads), disable=not visible, unit="eval") as bar:
             for load in loads:
                 execute(load, config, store, bar, workdir)
         finish(config, store, workdir)
+    mesh_lib.sync_hosts("sweep results written")  # host 0 wrote them; every host returns them
     results = read_results(store.path)
     results["seconds"] = time.perf_counter() - start
     return results
@@ -124,6 +127,8 @@ def finish(config: ml_collections.ConfigDict, store: ResultsStore, workdir: Path
         store.runs[rid]["checkpoint"] = checkpoint_name(config.models[key])
         finalise(store.runs[rid], config.epsilon)
     store.save()
+    if not is_writer():
+        return
     runs = [run for run in store.runs.values() if "essential_sparsity" in run]
     write_csv(runs, workdir / "results.csv")
     plots.plot_drops(runs, workdir / "drops.png")

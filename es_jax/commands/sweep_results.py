@@ -164,7 +164,16 @@ class ResultsStore:
         except ValueError as error:
             message = f"{self.path}: refusing to write a non-finite number ({error})."
             raise ValueError(message) from None
-        write_atomically(self.path, text + "\n")
+        if is_writer():
+            write_atomically(self.path, text + "\n")
+
+
+def is_writer() -> bool:
+    """Whether this process writes the workdir's files: host 0 of a multi-host run (every host
+    computes the same values; one writes them)."""
+    import jax
+
+    return jax.process_index() == 0
 
 
 def read_results(path: Path) -> dict:
@@ -198,8 +207,14 @@ def exclusive(workdir: Path, command: str = "sweep") -> Iterator[None]:
     """Holds the workdir's lock for one run of `command`; ValueError if another process holds it.
 
     The lock is an `flock` on `WORKDIR/.sweep.lock`, which the operating system releases when its
-    holder ends, however it ends (SIGKILL included): a lock file left behind never blocks.
+    holder ends, however it ends (SIGKILL included): a lock file left behind never blocks. Host 0
+    alone takes it: the other hosts of a multi-host run share its workdir and write nothing.
     """
+    import jax
+
+    if jax.process_index() != 0:
+        yield
+        return
     path = workdir / LOCK_FILE
     with open(path, "a+") as handle:
         try:

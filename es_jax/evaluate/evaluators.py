@@ -37,7 +37,7 @@ from jax.sharding import Mesh
 
 from es_jax import pruning
 from es_jax.evaluate import metrics
-from es_jax.mesh import batch_sharding, replicated
+from es_jax.mesh import batch_sharding, put, replicated
 
 Batch = dict[str, np.ndarray]
 Apply = Callable[[nnx.Module, dict[str, jax.Array]], Any]
@@ -106,7 +106,7 @@ def make_forward(model: nnx.Module, apply: Apply, mesh: Mesh | None = None) -> F
 
     if mesh is None:
         return Forward(jax.jit(forward), rest)
-    placed = jax.device_put(rest, replicated(mesh))
+    placed = put(rest, replicated(mesh))
     return Forward(jax.jit(forward, out_shardings=replicated(mesh)), placed)
 
 
@@ -171,7 +171,7 @@ def device_batches(
                 f"a batch of {rows} rows does not split over the mesh's {mesh.size} devices; use "
                 f"a batch size that is a multiple of {mesh.size}."
             )
-        out.append(jax.device_put(chosen, placement))
+        out.append(put(chosen, placement))
     return out
 
 
