@@ -2,11 +2,11 @@
 memory analysis (nothing runs on the device), on the bundled models and a Llama-7B-shaped model.
 
 A sweep level is two compiled programs, and only the parameters and the levels array live between
-them (es_jax.commands.sweep):
+them (es_jax.commands.sweep, sweep_levels):
   selection   the parameters -> `pruning.levels(targets, 0.1..0.9, scope, transform=jnp.abs)`:
               every nested magnitude mask in one uint8 per target weight, |w| computed inside
-              (`sweep.levels_of`): global on the bundled models, one program over every target;
-              layerwise on 7B (whose 6.5e9 target weights exceed the 2**32 that exact global
+              (`sweep_levels.levels_of`): global on the bundled models, one program over every
+              target; layerwise on 7B (whose 6.5e9 target weights exceed the 2**32 that exact global
               selection counts), one program a leaf, so its peak is all the parameters + all
               the levels + the largest leaf program's temporaries;
   evaluation  (the parameters, the levels, a level index, the rest of the model state, one
@@ -104,8 +104,9 @@ def selection(params: Any, where: Any, scope: str) -> Any:
 
 
 def selection_peak(params: Any, where: Any, scope: str) -> Peak:
-    """The selection's peak as `sweep.levels_of` runs it: one program (global), or one program
-    a leaf while every parameter and every leaf's levels stay live (layerwise, per_output)."""
+    """The selection's peak as `sweep_levels.levels_of` runs it: one program (global), or one
+    program a leaf while every parameter and every leaf's levels stay live (layerwise,
+    per_output)."""
     import jax
     import jax.numpy as jnp
 

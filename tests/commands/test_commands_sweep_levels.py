@@ -10,6 +10,7 @@ import pytest
 
 from es_jax import models, pruning
 from es_jax.commands import sweep
+from es_jax.commands import sweep_levels as methods
 from es_jax.commands.sweep_config import parse_pattern
 from es_jax.evaluate import evaluators
 
@@ -31,8 +32,8 @@ def sweep_levels(params, where, pattern):
     """The levels the sweep's magnitude scorer selects for `pattern`."""
     from es_jax.pruning.scores import map_targets
 
-    scores = sweep.Scores(map_targets(params, where, lambda _, __, leaf: leaf), jax.numpy.abs)
-    return sweep.levels_of(scores, parse_pattern(pattern), SPARSITIES)
+    scores = methods.Scores(map_targets(params, where, lambda _, __, leaf: leaf), jax.numpy.abs)
+    return methods.levels_of(scores, parse_pattern(pattern), SPARSITIES)
 
 
 def assert_masks_equal(found, expected):
@@ -64,12 +65,12 @@ def test_measured_sparsity_equals_the_report_of_the_pruned_copy(minilm):
     params, where = minilm
     levels = sweep_levels(params, where, "global")
     for index in (sweep.DENSE, 0, 1):
-        level = sweep.Pruned(params, levels, index, 0.0)
-        mask = sweep.mask_of(level)
+        level = methods.Pruned(params, levels, index, 0.0)
+        mask = methods.mask_of(level)
         pruned = params if mask is None else pruning.apply(params, mask)
         report = pruning.report(pruned, where=where)
         expected = (report["target"]["sparsity"], report["model"]["sparsity"])
         assert sweep.measured(level, None) == expected
     # the three zeros already in the weights count at every level, the dense one too
-    dense = sweep.measured(sweep.Pruned(params, levels, sweep.DENSE, 0.0), None)
+    dense = sweep.measured(methods.Pruned(params, levels, sweep.DENSE, 0.0), None)
     assert dense[0] > 0

@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import Mesh
 
 from es_jax import mesh, models
-from es_jax.commands import sweep, sweep_config
+from es_jax.commands import sweep, sweep_config, sweep_levels
 from es_jax.commands import sweep_results as results
 
 # Wide enough that the target kernels (64x64, 64x128) reach es_jax.mesh.FSDP_MIN_SIZE and shard.
@@ -55,7 +55,7 @@ class Recorded:
 
     def __init__(self, monkeypatch):
         self.levels, self.shardings = [], {}
-        levels_of, prepare = sweep.levels_of, sweep.prepare
+        levels_of, prepare = sweep_levels.levels_of, sweep.prepare
 
         def record_levels(*args):
             tree = levels_of(*args)
@@ -67,7 +67,7 @@ class Recorded:
             self.shardings[key] = [x.sharding for x in jax.tree.leaves(prepared.params)]
             return prepared
 
-        monkeypatch.setattr(sweep, "levels_of", record_levels)
+        monkeypatch.setattr(sweep_levels, "levels_of", record_levels)
         monkeypatch.setattr(sweep, "prepare", record_prepare)
 
 
