@@ -96,14 +96,18 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> nnx.Modul
 
 
 def load_tokenizer(config: ml_collections.ConfigDict, workdir: Path):
-    """The run's tokenizer: a WordPiece vocabulary cached in the workdir, or a named one."""
+    """The run's tokenizer: a WordPiece vocabulary cached in the workdir, or a named one.
+
+    `config` may be a finished run's stored config, which lacks the run-only keys
+    (`pretrain.RUN_ONLY_KEYS`: the data dir among them); its vocabulary is cached already.
+    """
     if config.data.tokenizer != "wordpiece":
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(config.data.tokenizer)
     return cached_wordpiece(
         workdir / TOKENIZER_FILE, config.data.corpora, config.data.vocab_size,
-        data_dir=config.data.data_dir or None,
+        data_dir=config.data.get("data_dir") or None,
     )
 
 
