@@ -15,6 +15,12 @@ an N:M group the lower index is kept first), and a non-finite score is never kep
 one is removed. Finite scores keep the exact count and tie order. With `checked=True` the refusal
 also runs inside jit, as a `jax.experimental.checkify` check: wrap the caller in
 `checkify.checkify` and call `error.throw()` (plain jit refuses to stage such a check).
+
+Compiled programs. Called eagerly, `levels`, `unstructured` and `omp` run one compiled program
+for the selection at every level (`_levels_arrays`), and `unstructured`, `omp` and `mask_at` one
+small program more for each level's masks (`_kept_at`, `_pruned_at`): each is reused for every
+list of sparsities of a length, and its compile time grows little with the number of target
+arrays (see `select`). Inside the caller's jit they are part of its one program.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import math
 import numbers
 import operator
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +39,19 @@ from jax import lax
 
 from es_jax.pruning.paths import PyTree, Selector, check_like, path_string
 from es_jax.pruning.scores import check_finite, map_targets, random_scores, scores_message
-from es_jax.pruning.select import Leaves, _kept_masks, count_dtype, kept_masks, sortable_keys
+from es_jax.pruning.select import (
+    Leaves,
+    count_dtype,
+    group_rows,
+    kept_level_counts,
+    kept_masks,
+    level_count_dtype,
+    sortable_keys,
+)
 
 Array = jax.Array
 Sparsity = float | Sequence[float]
+Rows = tuple[Array, ...] | None  # `select.group_rows`: array positions as program arguments
 
 
 def _is_none(x: Any) -> bool:
@@ -147,26 +162,49 @@ def unstructured(scores: PyTree, sparsity: Sparsity, scope: Scope = "global",
 
 def _unstructured_masks(treedef: Any, leaves: list[Any], levels: list[float], scope: Scope,
                         transform: Callable[[Array], Array] | None,
-                        paths: Sequence[str] = ()) -> list[PyTree]:
-    """One mask tree per level from the target leaves' scores (unchecked): `unstructured`'s body."""
-    targets = [i for i, leaf in enumerate(leaves) if leaf is not None]
-    arrays = [leaves[i] for i in targets]
-    ascending = sorted(levels)
-    if scope == "global":
-        total = sum(a.size for a in arrays)
-        per_level = kept_masks(arrays, [round(s * total) for s in ascending], transform)
-    elif scope == "per_output":
-        names = [paths[i] for i in targets] if paths else [str(i) for i in targets]
-        per_leaf = [per_output_kept(a, ascending, transform, name)
-                    for a, name in zip(arrays, names, strict=True)]
-        per_level = [list(level) for level in zip(*per_leaf, strict=True)]
-    else:
-        per_leaf = [kept_masks([a], [round(s * a.size) for s in ascending], transform)
-                    for a in arrays]
-        per_level = [[leaf_levels[level][0] for leaf_levels in per_leaf]
-                     for level in range(len(levels))]
-    by_level = dict(zip(ascending, per_level, strict=True))
-    return [_assemble(treedef, leaves, targets, by_level[s]) for s in levels]
+                        paths: Sequence[str]) -> list[PyTree]:
+    """One mask tree per level from the target leaves' scores (unchecked): `unstructured`'s body.
+
+    Two compiled programs, each reused across sparsities: the levels of the distinct
+    sparsities (`_levels_arrays`), then each level's masks from them (`_kept_at`), so that no
+    program writes every level's masks at once (XLA's compile time grows faster than the number
+    of arrays a program writes).
+    """
+    selected = _targets(leaves, levels, scope, paths)
+    counts = _levels_arrays(selected.arrays, selected.counts, group_rows(selected.arrays), scope,
+                            transform)
+    by_level = {s: _assemble(treedef, leaves, selected.positions, _kept_at(counts, np.int32(i)))
+                for i, s in enumerate(selected.levels)}
+    return [by_level[s] for s in levels]
+
+
+class Targets(NamedTuple):
+    """The target leaves of a selection and what to remove from them."""
+
+    positions: list[int]  # of the target leaves among all leaves
+    arrays: list[Array]  # the target leaves
+    levels: list[float]  # the distinct sparsities, ascending
+    counts: list[Array]  # the weights to remove at each level (see `_removal_counts`)
+
+
+def _targets(leaves: list[Any], levels: list[float], scope: Scope,
+             paths: Sequence[str]) -> Targets:
+    """The target leaves (not None) of `leaves` and their removal counts at the distinct
+    `levels`; refuses, per output, a target leaf of fewer than 2 axes, naming its path."""
+    positions = [i for i, leaf in enumerate(leaves) if leaf is not None]
+    arrays = [leaves[i] for i in positions]
+    if scope == "per_output":
+        for i in positions:
+            _check_input_axis(leaves[i], paths[i])
+    ascending = sorted(set(levels))
+    return Targets(positions, arrays, ascending, _removal_counts(arrays, ascending, scope))
+
+
+@jax.jit
+def _kept_at(counts: list[Array], level: Array) -> list[Array]:
+    """The kept masks of one level from the arrays of `_levels_arrays`: `count > level` (the
+    level is traced, so one program serves them all)."""
+    return [count > level for count in counts]
 
 
 MAX_LEVELS = 255
@@ -182,21 +220,19 @@ def levels(scores: PyTree, sparsities: Sparsity, scope: Scope = "global",
     is one level. `mask_at(levels(scores, sparsities, ...), i)` equals `unstructured(scores,
     sparsities, ...)[i]` exactly, ties included: the scopes, `transform`, `checked` and the
     handling of NaN and inf are `unstructured`'s. The masks nest, so a weight's value is the
-    number of levels that keep it: the kept masks are added in uint8 one level at a time inside
-    one compiled program (per output, in a loop over the levels) that returns the uint8 arrays
-    alone, compiled once per number of levels, scope, transform and leaf shapes.
+    number of levels that keep it, counted inside one compiled program (per output, in a loop
+    over the levels) that returns the uint8 arrays alone, compiled once per number of levels,
+    scope, transform and leaf shapes.
     """
     ascending = _increasing(sparsities)
     _check_scope(scope)
     paths, leaves, treedef = _score_leaves(scores)
-    targets = [i for i, leaf in enumerate(leaves) if leaf is not None]
-    arrays = [leaves[i] for i in targets]
-    if scope == "per_output":
-        for i in targets:
-            _check_input_axis(leaves[i], paths[i])
-    check_finite([paths[i] for i in targets], arrays, scores_message, checked, transform)
-    counts = _levels_arrays(arrays, _removal_counts(arrays, ascending, scope), scope, transform)
-    return _assemble(treedef, leaves, targets, counts)
+    selected = _targets(leaves, ascending, scope, paths)
+    check_finite([paths[i] for i in selected.positions], selected.arrays, scores_message, checked,
+                 transform)
+    counts = _levels_arrays(selected.arrays, selected.counts, group_rows(selected.arrays), scope,
+                            transform)
+    return _assemble(treedef, leaves, selected.positions, counts)
 
 
 def _increasing(sparsities: Sparsity) -> list[float]:
@@ -229,28 +265,31 @@ def _removal_counts(arrays: list[Array], levels: list[float], scope: Scope) -> l
 
 
 @functools.partial(jax.jit, static_argnames=("scope", "transform"))
-def _levels_arrays(arrays: list[Array], counts: list[Array], scope: Scope,
+def _levels_arrays(arrays: list[Array], counts: list[Array], rows: Rows, scope: Scope,
                    transform: Callable[[Array], Array] | None) -> list[Array]:
-    """`levels`' body: per target array, how many levels keep each weight, for the ascending
-    `counts` of `_removal_counts` (traced, so one program serves every sparsity list of a
-    length): the kept masks added in uint8 one level at a time (per output, in a loop)."""
+    """`levels`' body: per target array, how many levels keep each weight (uint8; int32 past 255
+    levels), for the ascending `counts` of `_removal_counts` (traced, so one program serves every
+    sparsity list of a length); `rows` are `group_rows(arrays)`."""
     if scope == "per_output":
         return [_per_output_levels(a, c, transform) for a, c in zip(arrays, counts, strict=True)]
     if scope == "global":
-        return _summed_kept(arrays, counts[0], transform)
-    return [_summed_kept([a], c, transform)[0] for a, c in zip(arrays, counts, strict=True)]
+        return _summed_kept(arrays, counts[0], rows, transform)
+    # One array a selection: the same kernels for every array of a shape without rows.
+    return [_summed_kept([a], c, None, transform)[0]
+            for a, c in zip(arrays, counts, strict=True)]
 
 
-def _summed_kept(arrays: list[Array], counts: Array,
+def _summed_kept(arrays: list[Array], counts: Array, rows: Rows,
                  transform: Callable[[Array], Array] | None) -> list[Array]:
     """Per array, how many of `kept_masks(arrays, counts, transform)` keep each weight (the same
-    selection: zero-size arrays take no part)."""
+    selection: zero-size arrays take no part); `rows` as `select.level_counts` takes."""
     filled = [i for i, a in enumerate(arrays) if a.size]
-    out = [jnp.zeros(a.shape, jnp.uint8) for a in arrays]
+    out = [jnp.zeros(a.shape, level_count_dtype(counts.shape[0])) for a in arrays]
     if filled:
-        for kept in _kept_masks(Leaves([arrays[i] for i in filled], transform), counts):
-            for i, mask in zip(filled, kept, strict=True):
-                out[i] = out[i] + mask.astype(jnp.uint8)
+        summed = kept_level_counts(Leaves([arrays[i] for i in filled], transform), counts,
+                                   None if rows is None else tuple(rows[i] for i in filled))
+        for i, count in zip(filled, summed, strict=True):
+            out[i] = count
     return out
 
 
@@ -280,30 +319,16 @@ def mask_at(levels_tree: PyTree, i: int) -> PyTree:
     """
     index = _level_index(i)
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(levels_tree, is_leaf=_is_none)
-    out = []
     for path, leaf in with_paths:
-        if leaf is None:
-            out.append(None)
-            continue
-        dtype = leaf.dtype if hasattr(leaf, "dtype") else np.result_type(leaf)
-        if dtype != np.uint8:
+        dtype = None if leaf is None else (leaf.dtype if hasattr(leaf, "dtype")
+                                           else np.result_type(leaf))
+        if dtype is not None and dtype != np.uint8:
             raise ValueError(f"the levels tree at {path_string(path)!r} has dtype {dtype}, not "
                              f"uint8: mask_at reads the trees pruning.levels makes")
-        out.append(jnp.asarray(leaf) > index)
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def per_output_kept(leaf: Array, levels: Sequence[float],
-                    transform: Callable[[Array], Array] | None = None,
-                    path: str = "leaf") -> list[Array]:
-    """Kept masks of one leaf, one per ascending level, each output slice `leaf[..., j]` losing
-    exactly round(s * size / out) of its lowest scores (ties: lower flat position in the slice
-    first; non-finite scores lowest, see `sortable_keys`)."""
-    _check_input_axis(leaf, path)
-    if leaf.size == 0:
-        return [jnp.ones(leaf.shape, jnp.bool_) for _ in levels]
-    group = leaf.size // leaf.shape[-1]
-    return list(_per_output_kept(leaf, tuple(round(s * group) for s in levels), transform))
+    leaves = [leaf for _, leaf in with_paths]
+    kept = iter(_kept_at([leaf for leaf in leaves if leaf is not None], np.int32(index)))
+    return jax.tree_util.tree_unflatten(treedef, [None if leaf is None else next(kept)
+                                                  for leaf in leaves])
 
 
 def _check_input_axis(leaf: Array, path: str) -> None:
@@ -326,29 +351,23 @@ def _from_rows(rows: Array, shape: tuple[int, ...]) -> Array:
     return jnp.moveaxis(rows.reshape(shape[-1], *shape[:-1]), 0, -1)
 
 
-@functools.partial(jax.jit, static_argnames=("counts", "transform"))
-def _per_output_kept(leaf: Array, counts: tuple[int, ...],
-                     transform: Callable[[Array], Array] | None) -> tuple[Array, ...]:
-    """`per_output_kept`'s body: for each count k, each output slice's k-th smallest key found
-    bit by bit (32 counting passes, far cheaper than sorting on XLA:CPU), then the keys below it
-    and the first ties at it removed."""
-    keys = _output_rows(leaf, transform)
-    return tuple(_from_rows(~_lowest_per_row(keys, count), leaf.shape) for count in counts)
-
-
 def _per_output_levels(leaf: Array, counts: Array,
                        transform: Callable[[Array], Array] | None) -> Array:
     """`levels` of one leaf (of at least 2 axes) per output, for the ascending `counts` to remove
-    from each output slice: the kept masks of `per_output_kept` added in uint8 in a loop over
-    the levels, so one level's work is held at a time."""
+    from each output slice: each output slice `leaf[..., j]` loses its count lowest scores (ties:
+    lower flat position in the slice first; non-finite scores lowest, see `sortable_keys`), and
+    the kept masks are added (see `level_count_dtype`) in a loop over the levels, so one level's
+    work is held at a time. Each slice's k-th smallest key is found bit by bit (32 counting
+    passes, far cheaper than sorting on XLA:CPU)."""
+    dtype = level_count_dtype(counts.shape[0])
     if leaf.size == 0:
-        return jnp.zeros(leaf.shape, jnp.uint8)
+        return jnp.zeros(leaf.shape, dtype)
     keys = _output_rows(leaf, transform)
 
     def add(level: Array, total: Array) -> Array:
-        return total + (~_lowest_per_row(keys, counts[level])).astype(jnp.uint8)
+        return total + (~_lowest_per_row(keys, counts[level])).astype(dtype)
 
-    total = lax.fori_loop(0, counts.shape[0], add, jnp.zeros(keys.shape, jnp.uint8))
+    total = lax.fori_loop(0, counts.shape[0], add, jnp.zeros(keys.shape, dtype))
     return _from_rows(total, leaf.shape)
 
 
@@ -570,6 +589,34 @@ def omp(params: PyTree, sparsity: Sparsity, where: Selector | None = None,
     # The weights are checked here; |w| of finite weights is finite, so it is not checked again.
     paths, leaves, treedef = _score_leaves(map_targets(params, where, lambda _, __, leaf: leaf,
                                                        checked))
-    masks = _unstructured_masks(treedef, leaves, levels, scope, jnp.abs, paths)
-    pruned = [apply(params, mask) for mask in masks]
-    return (pruned[0], masks[0]) if single else (pruned, masks)
+    selected = _targets(leaves, levels, scope, paths)
+    counts = _levels_arrays(selected.arrays, selected.counts, group_rows(selected.arrays), scope,
+                            jnp.abs)
+    by_level = {}
+    for i, s in enumerate(selected.levels):
+        pruned, kept = _pruned_at(selected.arrays, counts, np.int32(i))
+        by_level[s] = (_with_targets(params, _assemble(treedef, leaves, selected.positions,
+                                                       pruned)),
+                       _assemble(treedef, leaves, selected.positions, kept))
+    pruned, masks = zip(*(by_level[s] for s in levels), strict=True)
+    return (pruned[0], masks[0]) if single else (list(pruned), list(masks))
+
+
+@jax.jit
+def _pruned_at(arrays: list[Array], counts: list[Array],
+               level: Array) -> tuple[list[Array], list[Array]]:
+    """`omp`'s arrays at one level of `_levels_arrays`' counts: the arrays with their pruned
+    weights zeroed, and their kept masks (see `_kept_at`)."""
+    kept = _kept_at(counts, level)
+    return [jnp.where(keep, a, jnp.zeros((), a.dtype)) for keep, a in zip(kept, arrays,
+                                                                          strict=True)], kept
+
+
+def _with_targets(params: PyTree, targets: PyTree) -> PyTree:
+    """`params` with its leaves replaced by those of `targets` (a tree of its structure, None
+    where a leaf stays as it is)."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    replaced = treedef.flatten_up_to(targets)
+    return jax.tree_util.tree_unflatten(treedef, [leaf if new is None else new
+                                                  for leaf, new in zip(leaves, replaced,
+                                                                       strict=True)])

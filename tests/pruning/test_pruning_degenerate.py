@@ -96,7 +96,8 @@ def erk_reference(shapes: list[tuple[int, ...]], sparsity: float) -> np.ndarray:
     points = np.unique(np.concatenate([[0.0], low[live] / weights[live],
                                        sizes[live] / weights[live]]))
     totals = np.array([total(c) for c in points])
-    right = int(np.searchsorted(totals, budget))
+    # The last total (every leaf full) can round below the budget it equals.
+    right = min(int(np.searchsorted(totals, budget)), len(totals) - 1)
     if right == 0 or totals[right] == budget:
         return np.clip(points[right] * weights, low, sizes)
     c0, c1 = points[right - 1], points[right]
