@@ -9,7 +9,8 @@ Readers (lists in a fixed order; local sets are built once into the data dir):
   image_arrays(name, split) -> ImageSet       "fashion_mnist" (train | test) | "digits" (train)
   question_set(data, split) -> list[Question] MMLU-format folder | "tfds:NAME" | "facts" (bundled)
 Pipelines (grain):
-  padded_batches, packed_lm_dataset, token_blocks, subset_documents, tokenize_padded
+  padded_batches, length_sorted_batches, packed_lm_dataset, token_blocks, subset_documents,
+  tokenize_padded
 Images (es_jax.data.images; uint8 until to_unit_range maps them to float32 x / 127.5 - 1):
   pretraining_dataset(images, "supervised" | "multicrop", ...)   endless augmented grain batches
   evaluation_batches(images, batch_size, image_size), padded_image_batch
@@ -46,6 +47,7 @@ from es_jax.data.images import (
 from es_jax.data.multiple_choice import Question, question_set
 from es_jax.data.pipelines import (
     host_shard,
+    length_sorted_batches,
     packed_lm_dataset,
     padded_batches,
     subset_documents,
@@ -104,6 +106,7 @@ __all__ = [
     "is_local",
     "labelled_sentences",
     "lee_similarity",
+    "length_sorted_batches",
     "local_builder",
     "multi_crop",
     "packed_lm_dataset",

@@ -96,6 +96,105 @@ def padded_batches(
     )
 
 
+class BatchPlan(NamedTuple):
+    """One batch of `length_sorted_batches`: the texts' positions and the padded shape."""
+
+    positions: np.ndarray  # int, into the texts, shortest first
+    rows: int
+    length: int
+
+
+def padded_lengths(max_len: int) -> list[int]:
+    """The lengths a sorted batch is padded to: 2, 3, 4, 6, 8, 12, 16, 24, ... (2**k and 1.5 x
+    2**k: a text of two tokens or more fills over two thirds of its row), those below `max_len`,
+    then `max_len`."""
+    ladder, base = [], 2
+    while base < max_len:
+        ladder += [length for length in (base, base * 3 // 2) if length < max_len]
+        base *= 2
+    return [*ladder, max_len]
+
+
+def plan_sorted_batches(
+    lengths: Sequence[int], max_len: int, batch_size: int, token_budget: int
+) -> list[BatchPlan]:
+    """Batches of texts sorted by token count (`lengths`, each <= max_len), shortest first.
+
+    From the shortest text left, a batch takes its texts at the shortest length of
+    `padded_lengths` at which either a full batch fits (`rows_for(length)` texts no longer than
+    it) or every text left fits, and is padded to the shortest of `padded_lengths` that holds its
+    longest text. A full batch has batch_size x 2**j rows, the most whose rows x length stay
+    within `token_budget` (at least batch_size); the last one, the fewest multiple of batch_size
+    rows that hold what is left. So every batch's rows divide by batch_size, only the last has
+    padding rows (fewer than batch_size), and a batch holds no more tokens than `token_budget`
+    unless batch_size rows alone exceed it.
+    """
+
+    def rows_for(length: int) -> int:
+        rows = batch_size
+        while rows * 2 * length <= token_budget:
+            rows *= 2
+        return rows
+
+    def shortest_holding(tokens: int) -> int:
+        return next(length for length in ladder if length >= tokens)
+
+    def batch_from(start: int) -> BatchPlan:
+        for length in ladder:
+            if length < sorted_lengths[start]:
+                continue
+            full = rows_for(length)
+            fits = int(np.searchsorted(sorted_lengths, length, side="right")) - start
+            if fits >= full or start + fits == len(order):
+                taken = min(fits, full)
+                rows = -(-taken // batch_size) * batch_size
+                longest = sorted_lengths[start + taken - 1]
+                return BatchPlan(order[start : start + taken], rows, shortest_holding(longest))
+        raise ValueError(f"a text of {sorted_lengths[start]} tokens is longer than max_len")
+
+    ladder = padded_lengths(max_len)
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    sorted_lengths = np.asarray(lengths)[order]
+    plans, start = [], 0
+    while start < len(order):
+        plans.append(batch_from(start))
+        start += len(plans[-1].positions)
+    return plans
+
+
+def length_sorted_batches(
+    texts: Sequence[TextOrPair],
+    tokenizer,
+    max_len: int,
+    batch_size: int,
+    token_budget: int | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """Batches of `texts` sorted by token count, each padded only as far as its longest text
+    needs (`plan_sorted_batches`; token_budget defaults to batch_size x max_len).
+
+    Each is the dict of `tokenize_padded` plus int32 `index`: each row's position in `texts`, -1
+    on padding rows. A text's tokens are those `padded_batches` gives it (truncated to max_len),
+    so a per-row result (an embedding) is the same up to float rounding, in far fewer padded
+    tokens: put rows back in order with `index`. Shapes vary between batches but come from a
+    short list (`padded_lengths` x a few row counts), so a jitted function compiles a few times.
+    """
+    _check_positive(max_len=max_len, batch_size=batch_size)
+    if not texts:
+        raise ValueError("length_sorted_batches got no texts")
+    texts = list(texts)
+    budget = batch_size * max_len if token_budget is None else token_budget
+    _check_positive(token_budget=budget)
+    lengths = tokenize_padded(texts, tokenizer, max_len)["attention_mask"].sum(axis=1)
+    batches = []
+    for plan in plan_sorted_batches(lengths, max_len, batch_size, budget):
+        chosen = [texts[i] for i in plan.positions]
+        batch = tokenize_padded(chosen, tokenizer, plan.length, plan.rows)
+        index = np.full(plan.rows, -1, np.int32)
+        index[: len(plan.positions)] = plan.positions
+        batches.append({**batch, "index": index})
+    return batches
+
+
 def _is_encoder_tokenizer(tokenizer) -> bool:
     """True for BERT-style tokenizers ([CLS] ... [SEP]); False for causal-LM ones."""
     return tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None
@@ -190,8 +289,9 @@ def packed_lm_dataset(
         chunks = ChunkSource(texts, tokenizer, separator, chunk_documents, shuffle, cache)
         stream_seed = int(np.random.SeedSequence([seed, shard]).generate_state(1)[0])
         streams.append(
-            TokenBlocks(chunk_streams(chunks, stream_seed, num_epochs), content)
-            .batch(batch_size // len(shards), drop_remainder=True)
+            TokenBlocks(chunk_streams(chunks, stream_seed, num_epochs), content).batch(
+                batch_size // len(shards), drop_remainder=True
+            )
         )
     blocks = grain.experimental.ZipIterDataset(streams, strict=False).map(np.concatenate)
     if encoder:
@@ -255,9 +355,7 @@ class ChunkSource(NamedTuple):
     cache: TokenCache | None
 
 
-def chunk_streams(
-    source: ChunkSource, seed: int, num_epochs: int | None
-) -> grain.IterDataset:
+def chunk_streams(source: ChunkSource, seed: int, num_epochs: int | None) -> grain.IterDataset:
     """The token streams of a shard's chunks, epoch after epoch (None: forever), the chunks of
     each epoch (and the documents in each) in an order drawn from `seed` when shuffling."""
     chunks = grain.MapDataset.range(-(-len(source.texts) // source.chunk_documents))

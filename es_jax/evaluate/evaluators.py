@@ -1,10 +1,11 @@
 """Jitted evaluators whose parameters are an argument, so a sweep compiles each one once.
 
-An evaluator owns its (pre-tokenised, fixed-shape) batches and a jitted forward pass
-`fn(params, rest, batch)` built from the model's NNX graph definition. Calling it with the pruned
-parameters of any sparsity level reuses the same compiled program: the padded final batch has the
-shape of the others, and the parameters keep their structure and dtypes. `compilations()` reads
-the jit cache sizes, so tests and benchmarks can check that ten levels cost one compilation.
+An evaluator owns its pre-tokenised batches and a jitted forward pass `fn(params, rest, batch)`
+built from the model's NNX graph definition. Calling it with the pruned parameters of any
+sparsity level reuses the compiled programs: one per batch shape (text batches sorted by length
+come in a few shapes; every other evaluator's batches have one), since the parameters keep their
+structure and dtypes. `compilations()` reads the jit cache sizes, so tests and benchmarks can
+check that ten levels cost no more compilations than one.
 
 A sweep keeps no pruned copy of the weights: `evaluator(params, levels, level)` takes the dense
 parameters and a tree of nested pruning levels (`pruning.levels`, one uint8 per target weight)
@@ -80,7 +81,7 @@ class Forward:
         return self.jitted(params, self.rest, batch)
 
     def compilations(self) -> int:
-        """How many programs the jit cache holds (1 after any number of same-shaped calls)."""
+        """How many programs the jit cache holds (one per batch shape, however many levels)."""
         return self.jitted._cache_size()
 
 
@@ -187,10 +188,17 @@ def _require_examples(batches: list[Batch], task: str) -> int:
 
 
 def embeddings(forward: Forward, params: Any, batches: list[Batch], on_device: list) -> np.ndarray:
-    """Embeddings of every real row, in batch order."""
+    """Embeddings of every real row: in the order of the rows' `index` (their positions in the
+    texts, as `data.length_sorted_batches` gives them) where the batches have one, else in batch
+    order."""
     outputs = [forward(params, batch) for batch in on_device]
-    rows = [np.asarray(out)[b["weights"] > 0] for out, b in zip(outputs, batches, strict=True)]
-    return np.concatenate(rows, axis=0)
+    real = [b["weights"] > 0 for b in batches]
+    rows = np.concatenate([np.asarray(out)[r] for out, r in zip(outputs, real, strict=True)])
+    if "index" not in batches[0]:
+        return rows
+    ordered = np.empty_like(rows)
+    ordered[np.concatenate([b["index"][r] for b, r in zip(batches, real, strict=True)])] = rows
+    return ordered
 
 
 def document_similarity(
@@ -474,7 +482,12 @@ def knn_classification(
         bank = embeddings(forward, params, bank_batches, bank_on_device)
         test = embeddings(forward, params, test_batches, test_on_device)
         return knn.knn_accuracy(
-            bank, bank_labels, test, test_labels, num_classes=num_classes, k=k,
+            bank,
+            bank_labels,
+            test,
+            test_labels,
+            num_classes=num_classes,
+            k=k,
             temperature=temperature,
         )
 
