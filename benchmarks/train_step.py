@@ -61,13 +61,16 @@ def bench_config() -> ml_collections.ConfigDict:
 
 
 def model_flops_per_step(config: ml_collections.ConfigDict) -> float:
-    """Forward + backward FLOPs of one step (3x the forward's matmuls, attention included)."""
+    """Forward + backward FLOPs a step needs (3x the forward's matmuls, attention included): the
+    encoder at every token, the MLM head (transform and decoder) at the predicted ones only
+    (mask_rate of them), since the loss needs no other. Both frameworks' MFU use this count,
+    so a framework that scores every position does work the count leaves out."""
     m, tokens = config.model, config.global_batch_size * config.data.seq_len
     hidden, layers, seq = m.hidden_size, m.num_hidden_layers, config.data.seq_len
     per_layer = 4 * hidden * hidden + 2 * hidden * m.intermediate_size
-    matmul_params = layers * per_layer + hidden * hidden + hidden * VOCAB  # + MLM head, decoder
     attention = layers * 2 * seq * hidden  # QK^T and AV, per token
-    return 3 * 2 * tokens * (matmul_params + attention)
+    head = config.mask_rate * (hidden * hidden + hidden * VOCAB)
+    return 3 * 2 * tokens * (layers * per_layer + attention + head)
 
 
 def timed(step, repeats: int) -> float:

@@ -72,6 +72,42 @@ def test_mlm_loss_counts_only_predicted_positions():
     assert metrics["predicted_tokens"] == 3
 
 
+def test_prediction_capacity_bounds_the_chosen_count_per_sequence():
+    assert mlm.prediction_capacity(128, 0.15) == 40
+    assert mlm.prediction_capacity(8, 0.15) == 8
+    assert mlm.prediction_capacity(512, 0.15) == 112
+    chosen = jax.random.uniform(jax.random.key(0), (20_000, 128)) < 0.15
+    assert float(jnp.mean(chosen.sum(axis=1) > 40)) < 1e-3
+
+
+@pytest.mark.parametrize("capacity", [6, 2], ids=["predictions-only", "every-position"])
+def test_the_head_at_predicted_positions_gives_the_full_heads_loss_and_gradients(
+    smoke_config, capacity
+):
+    model = mlm.build_model(smoke_config, VOCAB)
+    model.eval()  # no dropout: both sides see the same hidden states
+    seq_len = 16
+    tokens = jax.random.randint(jax.random.key(3), (4, seq_len), 5, VOCAB)
+    weights = jnp.zeros((4, seq_len)).at[:, jnp.array([1, 5, 6, 11])].set(1.0).at[2, 3].set(0.0)
+    assert int(weights.sum(axis=1).max()) <= 6
+
+    def full(model):
+        return mlm_loss(model(tokens), tokens, weights)
+
+    def at_predictions(model):
+        return mlm.predicted_loss(model, model.bert(tokens, None, None), tokens, weights, capacity)
+
+    (loss, metrics), grads = nnx.value_and_grad(full, has_aux=True)(model)
+    (got, got_metrics), got_grads = jax.jit(
+        nnx.value_and_grad(at_predictions, has_aux=True)
+    )(model)
+    assert float(got) == pytest.approx(float(loss), rel=1e-6)
+    for key in ("accuracy", "predicted_tokens"):
+        assert float(got_metrics[key]) == pytest.approx(float(metrics[key]), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(grads), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
 def test_checkpoint_steps_are_interval_log_spaced_and_last():
     steps = checkpointing.checkpoint_steps(total_steps=250, every=100, log_spaced=4)
     assert steps == [0, 1, 5, 22, 100, 200, 250]
