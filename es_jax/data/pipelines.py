@@ -289,9 +289,8 @@ def packed_lm_dataset(
         chunks = ChunkSource(texts, tokenizer, separator, chunk_documents, shuffle, cache)
         stream_seed = int(np.random.SeedSequence([seed, shard]).generate_state(1)[0])
         streams.append(
-            TokenBlocks(chunk_streams(chunks, stream_seed, num_epochs), content).batch(
-                batch_size // len(shards), drop_remainder=True
-            )
+            TokenBlocks(chunk_streams(chunks, stream_seed, num_epochs), content)
+            .batch(batch_size // len(shards), drop_remainder=True)
         )
     blocks = grain.experimental.ZipIterDataset(streams, strict=False).map(np.concatenate)
     if encoder:
@@ -355,7 +354,9 @@ class ChunkSource(NamedTuple):
     cache: TokenCache | None
 
 
-def chunk_streams(source: ChunkSource, seed: int, num_epochs: int | None) -> grain.IterDataset:
+def chunk_streams(
+    source: ChunkSource, seed: int, num_epochs: int | None
+) -> grain.IterDataset:
     """The token streams of a shard's chunks, epoch after epoch (None: forever), the chunks of
     each epoch (and the documents in each) in an order drawn from `seed` when shuffling."""
     chunks = grain.MapDataset.range(-(-len(source.texts) // source.chunk_documents))

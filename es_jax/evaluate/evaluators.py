@@ -482,12 +482,7 @@ def knn_classification(
         bank = embeddings(forward, params, bank_batches, bank_on_device)
         test = embeddings(forward, params, test_batches, test_on_device)
         return knn.knn_accuracy(
-            bank,
-            bank_labels,
-            test,
-            test_labels,
-            num_classes=num_classes,
-            k=k,
+            bank, bank_labels, test, test_labels, num_classes=num_classes, k=k,
             temperature=temperature,
         )
 
