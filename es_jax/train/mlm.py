@@ -70,8 +70,8 @@ def mlm_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> tuple[
 def prediction_capacity(seq_len: int, mask_rate: float) -> int:
     """Positions per sequence that a training step scores with the MLM head: the mean of the
     chosen count, Binomial(seq_len, mask_rate), plus 4 standard deviations, rounded up to a
-    multiple of 8 and at most seq_len (40 of 128 at 15%; a sequence chooses more about 3 times
-    in 100,000)."""
+    multiple of 8 and at most seq_len (40 of 128 at 15%: a sequence chooses more about once in
+    a million; 112 of 512: about once in 70,000)."""
     mean = seq_len * mask_rate
     bound = mean + 4 * math.sqrt(mean * (1 - mask_rate))
     return min(seq_len, 8 * math.ceil(bound / 8))
