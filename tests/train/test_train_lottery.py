@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from tiny_classifier import classifier, learnable_batch
 
 from es_jax import models, pruning
 from es_jax.models import bert
@@ -38,19 +39,12 @@ IMP = lottery.ImpConfig(FINETUNE, lottery.sparsity_schedule(3, rate=0.2), where=
 LEVELS = (0.0, 0.2, 0.4, 0.6)
 
 
-def model_fn(rngs):
-    """A tiny BERT sequence classifier (stands in for pre-trained weights plus a new head)."""
-    return bert.BertForSequenceClassification(CONFIG, num_labels=2, rngs=rngs)
+model_fn = classifier(CONFIG)
 
 
 def batch(seed, size=BATCH):
-    """A batch of a learnable task: label 1 sequences draw from the upper half of the vocabulary."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 2, size).astype(np.int32)
-    half = CONFIG.vocab_size // 2
-    ids = rng.integers(1, half, (size, SEQ_LEN)) + half * labels[:, None]
-    return {"input_ids": ids.astype(np.int32), "attention_mask": np.ones((size, SEQ_LEN), np.int32),
-            "label": labels}
+    """A batch of the task `model_fn` learns (`tiny_classifier.learnable_batch`)."""
+    return learnable_batch(seed, size, CONFIG.vocab_size, SEQ_LEN)
 
 
 TRAIN = [batch(seed) for seed in range(STEPS)]
