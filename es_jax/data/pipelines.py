@@ -105,14 +105,14 @@ class BatchPlan(NamedTuple):
 
 
 def padded_lengths(max_len: int) -> list[int]:
-    """The lengths a sorted batch is padded to: 2, 3, 4, 6, 8, 12, 16, 24, ... (2**k and 1.5 x
-    2**k: a text of two tokens or more fills over two thirds of its row), those below `max_len`,
-    then `max_len`."""
-    ladder, base = [], 2
+    """The lengths a sorted batch is padded to: 2, 3, then 1, 1.25, 1.5 and 1.75 x 2**k from 4
+    (4, 5, 6, 7, 8, 10, 12, 14, 16, 20, ...: a text of two tokens or more fills at least four
+    fifths of its row), those below `max_len`, then `max_len`."""
+    ladder, base = [2, 3], 4
     while base < max_len:
-        ladder += [length for length in (base, base * 3 // 2) if length < max_len]
+        ladder += [base * quarters // 4 for quarters in (4, 5, 6, 7)]
         base *= 2
-    return [*ladder, max_len]
+    return [*(length for length in ladder if length < max_len), max_len]
 
 
 def plan_sorted_batches(

