@@ -51,16 +51,35 @@ def load() -> tuple[float, float, float]:
     return os.getloadavg()
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity; all of them where that is unknown).
+    A container may see more cores than it may use, and XLA sizes its thread pool by the former."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def torch_threads() -> str:
+    """PyTorch's intra- and inter-op thread counts, or "-" where torch is not installed."""
+    try:
+        import torch
+    except ImportError:
+        return "-"
+    return f"{torch.get_num_threads()} (inter-op {torch.get_num_interop_threads()})"
+
+
 def describe() -> tuple[float, float, float]:
-    """Prints the machine and its load before the benchmark; warns when it is busy. Returns the
-    load, for `report`."""
-    cores = os.cpu_count() or 1
+    """Prints the machine, both frameworks' thread settings and the load before the benchmark;
+    warns when it is busy. Returns the load, for `report`."""
+    cores = usable_cores()
     threads = {name: os.environ.get(name, "-")
                for name in ("XLA_FLAGS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     before = load()
-    print(f"machine: {cpu_model()}, {cores} cores, Python {platform.python_version()}, "
-          f"{versions()}")
-    print("threads: " + ", ".join(f"{k}={v}" for k, v in threads.items()))
+    print(f"machine: {cpu_model()}, {cores} usable cores of {os.cpu_count()}, Python "
+          f"{platform.python_version()}, {versions()}")
+    print("threads: " + ", ".join(f"{k}={v}" for k, v in threads.items())
+          + f", torch threads={torch_threads()}")
     print(f"load before: {before[0]:.2f} {before[1]:.2f} {before[2]:.2f}")
     if before[0] > BUSY * cores:
         print(f"WARNING: the 1-minute load {before[0]:.2f} is above {BUSY} x {cores} cores; "
