@@ -1,10 +1,14 @@
 """What a benchmark ran on: CPU model, cores, thread settings, versions and load, printed with its
-ratios (import it from a script in benchmarks/, which puts this folder on the path)."""
+ratios; and the median-of-calls timer the benchmarks share (import it from a script in
+benchmarks/, which puts this folder on the path)."""
 
 from __future__ import annotations
 
 import os
 import platform
+import statistics
+import time
+from collections.abc import Callable
 from importlib import metadata
 
 BUSY = 0.5  # a 1-minute load above this fraction of the cores makes ratios unreliable
@@ -44,6 +48,18 @@ def versions() -> str:
         except metadata.PackageNotFoundError:
             continue
     return ", ".join(found)
+
+
+def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall-clock seconds of `run()` over `repeats` calls, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def load() -> tuple[float, float, float]:

@@ -20,24 +20,11 @@ import gzip
 import json
 import os
 import re
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 SHAPES = {"minilm": (32, 128), "smollm2": (8, 256)}
-
-
-def seconds_per_call(run, repeats: int) -> float:
-    """Median wall-clock seconds of `run()` after one warm-up call."""
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def op_times(trace_dir: str, calls: int) -> dict[str, float]:
@@ -99,10 +86,14 @@ def main() -> None:
     compiled = forward.lower(state, ids, mask).compile()
     cost = compiled.cost_analysis()
     flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
-    seconds = seconds_per_call(lambda: jax.block_until_ready(forward(state, ids, mask)), 5)
+    seconds = machine.median_seconds(
+        lambda: jax.block_until_ready(forward(state, ids, mask)), 5
+    )
     square = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
     matmul = jax.jit(lambda x: x @ x)
-    matmul_rate = 2 * 2048**3 / seconds_per_call(lambda: jax.block_until_ready(matmul(square)), 5)
+    matmul_rate = 2 * 2048**3 / machine.median_seconds(
+        lambda: jax.block_until_ready(matmul(square)), 5
+    )
     rate = flops / seconds
     print(f"{args.model} {batch} x {length}: {1000 * seconds:.1f} ms a call, "
           f"{flops / 1e9:.1f} GFLOP (XLA's count), {rate / 1e9:.0f} GFLOP/s = "

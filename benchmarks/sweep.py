@@ -74,7 +74,9 @@ def torch_batches(tokenizer, settings, by_length: bool) -> dict:
 
     def batches(texts: list[str], max_length: int) -> list[dict]:
         if by_length:
-            return tasks.text_batches(texts, tokenizer, max_length, settings.batch_size, budget)
+            return data.length_sorted_batches(
+                texts, tokenizer, max_length, settings.batch_size, budget
+            )
         return list(data.padded_batches(texts, tokenizer, max_length, settings.batch_size))
 
     documents, human = data.lee_similarity()

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from functools import partial
 from pathlib import Path
 
@@ -73,18 +71,6 @@ def model_flops_per_step(config: ml_collections.ConfigDict) -> float:
     return 3 * 2 * tokens * (layers * per_layer + attention + head)
 
 
-def timed(step, repeats: int) -> float:
-    """Median seconds of `step()` over `repeats` calls, after two warm-up calls."""
-    step()
-    step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def batch_of(config: ml_collections.ConfigDict) -> np.ndarray:
     """A fixed batch of random token ids."""
     shape = (config.global_batch_size, config.data.seq_len)
@@ -124,7 +110,7 @@ def jax_step_seconds(config: ml_collections.ConfigDict, repeats: int) -> float:
         )
         jax.block_until_ready(metrics["loss"])
 
-    return timed(step, repeats)
+    return machine.median_seconds(step, repeats, warmup=2)
 
 
 def torch_step_seconds(config: ml_collections.ConfigDict, repeats: int) -> float:
@@ -157,14 +143,14 @@ def torch_step_seconds(config: ml_collections.ConfigDict, repeats: int) -> float
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
         optimizer.step()
 
-    return timed(step, repeats)
+    return machine.median_seconds(step, repeats, warmup=2)
 
 
 def matmul_flops_per_second(size: int = 2048, repeats: int = 5) -> float:
     """The machine's fp32 matmul rate, from a jitted square matmul."""
     a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
     matmul = jax.jit(lambda x: x @ x)
-    seconds = timed(lambda: jax.block_until_ready(matmul(a)), repeats)
+    seconds = machine.median_seconds(lambda: jax.block_until_ready(matmul(a)), repeats, warmup=2)
     return 2 * size**3 / seconds
 
 

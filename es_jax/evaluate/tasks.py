@@ -136,17 +136,6 @@ def _limited(items: list, max_examples: int) -> list:
     return items if max_examples <= 0 else items[:max_examples]
 
 
-def text_batches(
-    texts: list[str], tokenizer: Any, max_length: int, batch_size: int, token_budget: int
-) -> list[dict[str, np.ndarray]]:
-    """Batches of texts sorted by length, each padded as far as its longest text needs and
-    holding at most `token_budget` tokens, with a `weights` row mask and each row's `index` in
-    `texts` (`data.length_sorted_batches`)."""
-    from es_jax import data
-
-    return data.length_sorted_batches(texts, tokenizer, max_length, batch_size, token_budget)
-
-
 def token_budget(settings: TaskSettings) -> int:
     """Tokens in one text batch of an entry: batch_size x max_length (a word batch holds as
     many, in more and shorter rows)."""
@@ -159,7 +148,7 @@ def build_lee(model: nnx.Module, tokenizer: Any, settings: TaskSettings) -> eval
 
     documents, human = data.lee_similarity(settings.data_dir or None)
     n = len(_limited(documents, settings.max_examples))
-    batches = text_batches(
+    batches = data.length_sorted_batches(
         documents[:n], tokenizer, settings.max_length, settings.batch_size, token_budget(settings)
     )
     return evaluators.document_similarity(
@@ -177,7 +166,7 @@ def build_word_pairs(
     pairs = _limited(pairs, settings.max_examples)
     human = human[: len(pairs)]
     words = sorted({word for pair in pairs for word in pair})
-    batches = text_batches(
+    batches = data.length_sorted_batches(
         words, tokenizer, settings.word_max_length, settings.batch_size, token_budget(settings)
     )
     return evaluators.word_pair_similarity(
