@@ -184,13 +184,15 @@ def length_sorted_batches(
     texts = list(texts)
     budget = batch_size * max_len if token_budget is None else token_budget
     _check_positive(token_budget=budget)
-    lengths = tokenize_padded(texts, tokenizer, max_len)["attention_mask"].sum(axis=1)
+    # Tokenised once; the extra last row is all padding, for the batches' padding rows.
+    every = tokenize_padded(texts, tokenizer, max_len, len(texts) + 1)
+    lengths = every["attention_mask"][:-1].sum(axis=1)
     batches = []
     for plan in plan_sorted_batches(lengths, max_len, batch_size, budget):
-        chosen = [texts[i] for i in plan.positions]
-        batch = tokenize_padded(chosen, tokenizer, plan.length, plan.rows)
         index = np.full(plan.rows, -1, np.int32)
         index[: len(plan.positions)] = plan.positions
+        rows = np.where(index >= 0, index, len(texts))
+        batch = {k: v[rows, : plan.length] if v.ndim == 2 else v[rows] for k, v in every.items()}
         batches.append({**batch, "index": index})
     return batches
 
